@@ -1,0 +1,710 @@
+"""DAG: Diffusion Alignment with GFlowNets, in one file.
+
+DAG post-trains a diffusion model against a black-box reward R(x0). The N-step DDIM sampler is read as a GFlowNet:
+states are (x_t, t, prompt), the forward policy p_theta(x_prev | x_t) is one stochastic DDIM step (the LoRA-adapted
+UNet), the backward policy is the fixed noising kernel q(x_t | x_prev), and a small flow network F_phi(x_t, t, c)
+is trained jointly so that the flows balance along every transition; at the balance point the sampler draws x0 with
+probability proportional to R(x0) = exp(reward_exp * r(x0)) times the base model's density.
+
+Paper: Zhang, Zhang, Gu, Zhang, Susskind, Jaitly, Zhai, "Improving GFlowNets for Text-to-Image Diffusion Alignment",
+arXiv 2406.00633v3 (TMLR 2025). Authors' release: apple/ml-diffusion-alignment-gflownet.
+
+Objectives, per transition s = (x_t, t) -> s' = (x_prev, t - Delta) of a stored rollout:
+
+    log F(s)    = F_phi(x_t, t, c) + reward_exp * r(decode(x0_pred(x_t)))      forward-looking flow (paper Sec. 4.2)
+    log F(x0)   = reward_exp * r(x0)                                           terminal boundary
+    residual    = log F(s) + log p_theta(x_prev | x_t) - log p_B(x_t | x_prev) - log F(s')
+    DAG-DB      : residual**2                                                  (--algo db, default)
+    DAG-KL      : flow loss (residual with p_theta detached)**2 for phi, plus for theta a PPO-clipped REINFORCE
+                  term with advantage -residual (leave-one-out baseline, normalised, clipped)   (--algo kl)
+    both        : + unetreg * mean((eps_theta - eps_rollout)**2), a proximal pull toward the rollout policy
+
+Where this file deliberately differs from the paper or the release (each is marked NOTE: at the code):
+  * log-probs are MEANS over the D = C*H*W dimensions (the release's logp_mean=True). DB with mean log-probs,
+    exponent reward_exp and flow F equals DB with summed log-probs, exponent D*reward_exp and flow D*F, divided by D**2;
+    every published hyperparameter was tuned for the mean.
+  * the x0_pred reward of each state is computed ONCE at rollout, from the text-branch epsilon that the CFG forward
+    already produced, and stored. The release recomputes it twice per transition in the training loop (100 extra
+    UNet forwards, VAE decodes and reward calls per trajectory). Any fixed g(x_t) added to a free F_phi leaves the DB
+    fixed point unchanged, as long as both ends of a transition use the same g, which they do here.
+  * every rank has its own seed (seed + rank); the release seeds all GPUs identically, so they draw the same samples.
+  * the flow network returns (B,) for every B (the release's .squeeze() returns a scalar at B = 1).
+
+Usage:
+    torchrun --nproc_per_node=8 dag.py --reward aesthetic       # the paper's aesthetic run (SD-1.5, 100 epochs)
+    python dag.py --reward aesthetic --sample-batch 8 --train-batch 4 --grad-accum 8    # one GPU
+    python dag.py --model google/ddpm-cifar10-32 --reward jpeg_compressibility --steps 10 \
+        --sample-batch 8 --num-batches 1 --train-batch 4 --grad-accum 2 --epochs 4     # CPU toy run
+
+Shapes: B batch, N denoising steps, C/H/W channels/height/width of a latent (SD: 4x64x64) or pixel image (3x32x32),
+L = 77 text tokens, E = 768 text width.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import get_down_block
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import rewards
+
+SIMPLE_ANIMALS = """cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf
+lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose bee pig
+turkey fly llama camel bat gorilla hedgehog kangaroo""".split()  # DDPO's 45 simple animals, the aesthetic task
+PROMPT_SETS = {"simple_animals": SIMPLE_ANIMALS}
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DAG (DB / KL) post-training of a diffusion model against a reward.")
+    # Model
+    p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or local diffusers directory; a UNet2DModel pipeline (e.g. google/ddpm-cifar10-32) runs unconditionally in pixel space")
+    p.add_argument("--reward", default="aesthetic", help=f"one of {', '.join(rewards.REWARDS)}, or module:function")
+    p.add_argument("--prompts", default=None, help="prompt set name (simple_animals) or a file with one prompt per line; default: simple_animals")
+    p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank r (alpha = r) on to_q, to_k, to_v, to_out.0")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="dtype of the frozen weights on CUDA (LoRA and flow stay fp32; always fp32 on CPU)")
+    # Sampling
+    p.add_argument("--steps", type=int, default=50, help="N, DDIM inference steps")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta; must be > 0 so that p_theta has a density")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance w (negative prompt '')")
+    p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True, help="use CFG in the training forward too (release: cfg)")
+    p.add_argument("--sample-batch", type=int, default=16, help="trajectories per rollout batch, per process")
+    p.add_argument("--num-batches", type=int, default=4, help="rollout batches per epoch, per process")
+    p.add_argument("--decode-chunk", type=int, default=16, help="images per VAE decode call (bounds memory)")
+    # DAG objective
+    p.add_argument("--algo", choices=["db", "kl"], default="db", help="DAG-DB (detailed balance) or DAG-KL")
+    p.add_argument("--reward-exp", type=float, default=100.0, help="reward temperature: log R = reward_exp * r (release: reward_exp)")
+    p.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True, help="ramp reward_exp linearly from 0 over the first half of training")
+    p.add_argument("--kl-coef", type=float, default=1.0, help="weight of the policy term in DAG-KL (release: klpf)")
+    p.add_argument("--unetreg", type=float, default=1.0, help="weight of mean((eps - eps_rollout)^2)")
+    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip in DAG-KL")
+    p.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip in DAG-KL (release: adv_clip_max)")
+    # Optimisation
+    p.add_argument("--epochs", type=int, default=100, help="number of rollout + training rounds")
+    p.add_argument("--train-batch", type=int, default=8, help="trajectories per training micro-batch, per process")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA weights")
+    p.add_argument("--flow-lr", type=float, default=None, help="learning rate of the flow network (default: --lr)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clip, applied to LoRA and flow separately")
+    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
+    # IO
+    p.add_argument("--out", default="runs/dag", help="run directory: args.json, log.jsonl, grids, checkpoints")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every k epochs (and at the end)")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
+    return p.parse_args(argv)
+
+
+def die(message):
+    """A user mistake: one line on stderr and exit status 2, never a traceback."""
+    print(f"dag.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_args(args):
+    """Validate flag values and the batch arithmetic before anything heavy is loaded."""
+    if args.reward not in rewards.REWARDS and ":" not in args.reward:
+        die(f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function")
+    if args.eta <= 0:
+        die("--eta must be > 0: with eta = 0 the DDIM step is deterministic and has no log-probability")
+    for name in ("steps", "epochs", "sample_batch", "num_batches", "train_batch", "grad_accum", "save_every"):
+        if getattr(args, name) < 1:
+            die(f"--{name.replace('_', '-')} must be >= 1")
+    if args.sample_batch % args.train_batch:
+        die(f"--sample-batch {args.sample_batch} is not divisible by --train-batch {args.train_batch}")
+    micro_batches = args.sample_batch * args.num_batches // args.train_batch
+    if micro_batches % args.grad_accum:
+        die(f"{micro_batches} micro-batches per epoch (sample-batch*num-batches/train-batch) are not divisible by --grad-accum {args.grad_accum}")
+    if args.algo == "kl" and args.train_batch < 2:
+        die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
+    args.flow_lr = args.lr if args.flow_lr is None else args.flow_lr
+
+
+def load_prompts(spec):
+    """A named prompt set or a text file with one prompt per line."""
+    spec = spec or "simple_animals"
+    if spec in PROMPT_SETS:
+        return PROMPT_SETS[spec]
+    try:
+        prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"--prompts {spec!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a readable file ({e.__class__.__name__})")
+    if not prompts:
+        die(f"--prompts file {spec!r} holds no prompt")
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything runs as rank 0 of 1)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """-> (rank, world_size, device). NCCL on GPU, gloo on CPU."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def average_gradients(params):
+    """All-reduce the gradients of the trainable params in one flat buffer, once per optimizer step.
+
+    No DistributedDataParallel: only ~7 M trainable parameters need syncing, and a param that missed the loss would
+    make DDP's ranks silently diverge. A missing grad counts as zero so every rank sends the same layout."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def broadcast_parameters(params):
+    """Start every rank from rank 0's LoRA and flow initialisation."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def parameter_digest(params):
+    """Per-rank fingerprints of the trainable weights, (world,) float64: equal entries mean the ranks are in sync."""
+    digest = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(params)).reshape(1)
+    return gather(digest).tolist()
+
+
+def gather(tensor):
+    """Concatenate a (B, ...) tensor from every rank (for logging)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDIM transition log-probabilities (paper Sec. 2; DDIM, Song et al. 2021, Eq. 12 with sigma_t = eta * sigma)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def ddim_scheduler(config, steps):
+    """A DDIMScheduler from any diffusers scheduler config, set to `steps` inference steps.
+
+    NOTE: "leading" spacing with steps_offset=1 gives t = 981, 961, ..., 1 (N = 50) for SD and CIFAR alike; the CIFAR
+    DDPM's own config (offset 0, set_alpha_to_one) ends with t_prev = t = 0, a zero-variance step whose log-prob is
+    0/0. clip_sample is kept from the config (CIFAR: on, SD: off)."""
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _alphas(scheduler, t, like):
+    """alpha_bar_t and alpha_bar_{t_prev}, t_prev = max(t - Delta, 0), shaped (B, 1, 1, 1) like `like`."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(like.device)  # float32 (T_train,)
+    delta = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    a_t = alphas_cumprod[t].view(shape).to(like.dtype)
+    a_prev = alphas_cumprod[(t - delta).clamp(min=0)].view(shape).to(like.dtype)
+    return a_t, a_prev
+
+
+def _gaussian_logprob(x, mean, std):
+    """log N(x; mean, std^2 I), MEAN over non-batch dims -> (B,)."""
+    logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.mean(dim=tuple(range(1, x.ndim)))
+
+
+def predict_x0(scheduler, eps, t, x_t):
+    """Tweedie estimate x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), no clamp."""
+    a_t, _ = _alphas(scheduler, t, x_t)
+    return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
+def ddim_step_logprob(scheduler, eps, t, x_t, eta=1.0, x_prev=None, generator=None):
+    """One DDIM step p_theta(x_prev | x_t) = N(mu, s_t^2 I); samples x_prev when None. -> (x_prev, log_pf (B,)).
+
+        x0   = predict_x0(eps), clamped iff scheduler.config.clip_sample
+        s_t  = eta * sqrt((1 - a') / (1 - a_t) * (1 - a_t / a'))
+        mu   = sqrt(a') x0 + sqrt(1 - a' - s_t^2) eps                (a = alpha_bar, a' at t_prev)
+    """
+    a_t, a_prev = _alphas(scheduler, t, x_t)
+    x0 = predict_x0(scheduler, eps, t, x_t)
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    if not bool((std > 0).all()):
+        raise ValueError("DDIM step with zero std (t_prev == t): build the scheduler with steps_offset=1")
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    if x_prev is None:
+        x_prev = mean + std * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return x_prev, _gaussian_logprob(x_prev, mean, std)
+
+
+def backward_logprob(scheduler, t, x_t, x_prev):
+    """log p_B(x_t | x_prev) = log N(x_t; sqrt(a_t / a') x_prev, (1 - a_t / a') I), mean over dims; no gradient."""
+    x_t, x_prev = x_t.detach(), x_prev.detach()
+    a_t, a_prev = _alphas(scheduler, t, x_t)
+    ratio = a_t / a_prev
+    return _gaussian_logprob(x_t, ratio.sqrt() * x_prev, (1 - ratio).sqrt())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Flow network F_phi(x_t, t, c) -> (B,) (release: ConditionalFlow)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FlowNet(nn.Module):
+    """Time-conditioned conv encoder with cross-attention to the prompt, pooled to one scalar per state.
+
+    timestep -> sinusoid(64) -> MLP(256); conv_in 3x3 -> 4 down blocks (channels 64, 128, 256, 256, each halves H and
+    W; the first three cross-attend to the L x E text states when `cross_attention_dim` is set) -> global average
+    pool -> Linear(256, 1). Adaptive pooling makes it work for 64x64 latents and 32x32 pixels alike."""
+
+    def __init__(self, in_channels=4, cross_attention_dim=768, channels=(64, 128, 256, 256)):
+        super().__init__()
+        self.time_proj = Timesteps(64, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(64, 256)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for i, (c_in, c_out) in enumerate(zip(channels[:1] + channels[:-1], channels)):
+            attend = cross_attention_dim is not None and i < len(channels) - 1
+            self.blocks.append(get_down_block(
+                "CrossAttnDownBlock2D" if attend else "DownBlock2D", num_layers=1, in_channels=c_in,
+                out_channels=c_out, temb_channels=256, add_downsample=True, resnet_eps=1e-5, resnet_act_fn="silu",
+                resnet_groups=32, cross_attention_dim=cross_attention_dim, num_attention_heads=8,
+                attention_head_dim=8, downsample_padding=1,
+            ))  # fmt: skip
+        self.head = nn.Linear(channels[-1], 1)
+
+    def forward(self, x_t, t, text=None):
+        temb = self.time_embedding(self.time_proj(t).to(x_t.dtype))  # (B, 256)
+        h = self.conv_in(x_t)
+        for block in self.blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(h, temb, encoder_hidden_states=text)
+            else:
+                h, _ = block(h, temb)
+        return self.head(h.mean(dim=(2, 3))).squeeze(-1)  # (B, C) -> (B,), also for B = 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DAG objectives
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
+    """beta_e = reward_exp * min(1, e / (num_epochs / 2)): epoch 0 trains flow consistency only (beta = 0)."""
+    if not anneal:
+        return float(reward_exp)
+    return float(reward_exp) * min(1.0, epoch / (0.5 * num_epochs))
+
+
+def db_loss(log_flow, log_pf, log_pb, log_flow_prev):
+    """DAG-DB (paper Eq. 9): (log F(s) + log p_theta(s'|s) - log p_B(s|s') - log F(s'))^2 -> (B,)."""
+    return (log_flow + log_pf - log_pb - log_flow_prev) ** 2
+
+
+def leave_one_out_advantages(a, adv_clip_max=5.0, eps=1e-8):
+    """Normalise a (n,) with each sample's baseline and variance computed from the OTHER n - 1 samples, clip."""
+    n = a.numel()
+    if n < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 samples per batch (--train-batch >= 2)")
+    d = a - (a.sum() - a) / (n - 1)  # a_i - mean_{k != i} a_k
+    var = ((d**2).sum() - d**2) / (n - 1)
+    return (d / (var.sqrt() + eps)).clamp(-adv_clip_max, adv_clip_max)
+
+
+def kl_loss(log_flow, log_pf, log_pf_old, log_pb, log_flow_prev, clip_range=1e-4, adv_clip_max=5.0):
+    """DAG-KL (paper Sec. 4.3, the release's form) -> (loss_flow (B,), loss_policy (B,)).
+
+    loss_flow trains phi only: the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped
+    REINFORCE step with advantage a = -residual (NOTE: per sample grad_theta residual^2 / 2 = residual *
+    grad_theta log p_theta, so this is DAG-DB's theta-gradient plus a baseline, normalisation, clipping and a ratio)."""
+    loss_flow = (log_flow + log_pf.detach() - log_pb - log_flow_prev) ** 2
+    advantages = leave_one_out_advantages((log_flow_prev + log_pb - log_pf - log_flow).detach(), adv_clip_max)
+    ratio = torch.exp(log_pf - log_pf_old)
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss_policy = torch.maximum(-advantages * ratio, -advantages * clipped)
+    return loss_flow, loss_policy
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models: loading, the guided epsilon, decoding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_models(args, device):
+    """-> SimpleNamespace(unet, vae, text_encoder, tokenizer, scheduler, flow, dtype, ...), LoRA attached."""
+    try:
+        index = DiffusionPipeline.load_config(args.model)
+    except Exception as e:  # noqa: BLE001 -- every hub / filesystem failure means the same thing to the user
+        die(f"cannot load model {args.model!r} ({e.__class__.__name__}). Offline, download it once elsewhere "
+            f"(huggingface-cli download {args.model}) and pass --model /path/to/the/local/copy")  # fmt: skip
+    conditional = "text_encoder" in index
+    dtype = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else torch.float32
+    skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **skip)
+    scheduler = ddim_scheduler(pipe.scheduler.config, args.steps)
+    unet = pipe.unet.to(device).requires_grad_(False)
+    lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    if hasattr(unet, "add_adapter"):
+        unet.add_adapter(lora)  # UNet2DConditionModel: diffusers' own LoRA format on save
+    else:
+        inject_adapter_in_model(lora, unet)  # UNet2DModel has no add_adapter
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_params:
+        p.data = p.data.float()  # trainable weights in fp32, frozen ones in `dtype`
+    m = SimpleNamespace(unet=unet, scheduler=scheduler, dtype=dtype, device=device, lora_params=lora_params,
+                        conditional=conditional, vae=None, text_encoder=None, tokenizer=None, uncond=None)  # fmt: skip
+    if conditional:
+        m.vae = pipe.vae.to(device).requires_grad_(False)
+        m.text_encoder = pipe.text_encoder.to(device).requires_grad_(False)
+        m.tokenizer = pipe.tokenizer
+        m.uncond = encode_prompts(m, [""])  # (1, L, E), the CFG negative prompt
+    channels = unet.config.in_channels
+    m.latent_shape = (channels, unet.config.sample_size, unet.config.sample_size)
+    cross = m.text_encoder.config.hidden_size if conditional else None
+    m.flow = FlowNet(channels, cross).to(device)  # fp32
+    return m
+
+
+@torch.no_grad()
+def encode_prompts(m, prompts):
+    """CLIP last hidden state (B, L, E), not pooled."""
+    ids = m.tokenizer(prompts, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return m.text_encoder(ids.to(m.device))[0]
+
+
+def autocast(m):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if m.dtype == torch.bfloat16 else contextlib.nullcontext()
+
+
+def predict_eps(m, x_t, t, text, guidance):
+    """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u); guidance=None: eps_c only.
+
+    The same function runs at rollout and in the training forward, so an unchanged theta reproduces the rollout's
+    log-probs exactly (the DAG-KL ratio is 1 at the first step)."""
+    x = x_t.to(m.dtype)
+    with autocast(m):
+        if not m.conditional:
+            eps = m.unet(x, t).sample.float()
+            return eps, eps
+        if guidance is None:
+            eps = m.unet(x, t, encoder_hidden_states=text).sample.float()
+            return eps, eps
+        uncond = m.uncond.expand(len(x), -1, -1)
+        out = m.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, text])).sample
+    eps_u, eps_c = out.float().chunk(2)
+    return eps_u + guidance * (eps_c - eps_u), eps_c
+
+
+@torch.no_grad()
+def decode(m, x0, chunk):
+    """Latent (or pixel) x0 -> RGB in [0, 1], fp32; VAE decodes `chunk` images at a time."""
+    if m.vae is not None:
+        with autocast(m):
+            x0 = torch.cat([m.vae.decode(c.to(m.dtype) / m.vae.config.scaling_factor).sample.float() for c in x0.split(chunk)])
+    return (x0 / 2 + 0.5).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rollout: sample trajectories with the current policy and store what training needs
+# --------------------------------------------------------------------------------------------------------------------
+
+STEP_KEYS = ("x_t", "x_prev", "t", "log_pf_old", "eps_old", "r_t", "r_prev")  # (B, N, ...) per-transition keys
+
+
+@torch.no_grad()
+def rollout(m, reward_fn, prompts, args, generator):
+    """Sample B = len(prompts) trajectories x_T -> x_0 of N DDIM steps.
+
+    -> dict of STEP_KEYS (B, N, ...) + text (B, L, E) or None + reward (B,) + images (B, 3, H, W) in [0, 1].
+    r_t is the raw reward of decode(x0_pred(x_t)) from the text-branch eps (forward-looking flow, no CFG); r_prev of
+    the last transition is the final image's reward, the terminal boundary log F(x_0) = reward_exp * r(x_0)."""
+    B, dev = len(prompts), m.device
+    text = encode_prompts(m, prompts) if m.conditional else None
+    x = torch.randn((B, *m.latent_shape), generator=generator, device=dev)
+    steps = {k: [] for k in ("x_t", "x_prev", "t", "log_pf_old", "eps_old", "r_t")}
+    for t_scalar in m.scheduler.timesteps:
+        t = torch.full((B,), int(t_scalar), device=dev, dtype=torch.long)
+        eps, eps_text = predict_eps(m, x, t, text, args.guidance_scale)
+        r_t = reward_fn(decode(m, predict_x0(m.scheduler, eps_text, t, x), args.decode_chunk), prompts).float()
+        x_prev, log_pf = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
+        for k, v in zip(steps, (x, x_prev, t, log_pf, eps, r_t)):
+            steps[k].append(v)
+        x = x_prev
+    images = decode(m, x, args.decode_chunk)
+    reward = reward_fn(images, prompts).float()
+    traj = {k: torch.stack(v, dim=1) for k, v in steps.items()}  # (B, N, ...)
+    traj["r_prev"] = torch.cat([traj["r_t"][:, 1:], reward[:, None]], dim=1)  # reward of each transition's child
+    traj.update(text=text, reward=reward, images=images.cpu())
+    return traj
+
+
+def shuffle_transitions(traj, generator):
+    """Shuffle trajectories, then permute the N transitions of EACH trajectory independently, moving every
+    per-transition key with the same index (so x_prev[i, j] stays the child of x_t[i, j])."""
+    B, N = traj["t"].shape
+    order = torch.randperm(B, generator=generator)
+    steps = torch.argsort(torch.rand(B, N, generator=generator), dim=1)  # (B, N), one permutation per row
+    out = {}
+    for k, v in traj.items():
+        if v is None:
+            out[k] = v
+            continue
+        v = v[order.to(v.device)]
+        if k in STEP_KEYS:
+            v = v[torch.arange(B, device=v.device)[:, None], steps.to(v.device)]
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One training step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def log_flows(m, batch, reward_exp):
+    """Forward-looking log-flows of both ends of a transition -> (log F(x_t), log F(x_prev)), each (B,).
+
+    log F(s) = F_phi(x_t, t, c) + reward_exp * r(x0_pred(x_t)), with r stored at rollout (no gradient to theta)."""
+    x_t, x_prev, t = batch["x_t"], batch["x_prev"], batch["t"]
+    text = None if batch["text"] is None else batch["text"].float()
+    t_prev = t - m.scheduler.config.num_train_timesteps // m.scheduler.num_inference_steps
+    log_flow = m.flow(x_t, t, text) + reward_exp * batch["r_t"]
+    # NOTE: terminal boundary: at the last step log F(x_0) = reward_exp * r(x_0); F_phi is never a target at t = 0.
+    last = t == int(m.scheduler.timesteps[-1])
+    log_flow_prev = reward_exp * batch["r_prev"] + torch.where(last, 0.0, m.flow(x_prev, t_prev, text))
+    return log_flow, log_flow_prev
+
+
+def transition_loss(m, batch, reward_exp, args):
+    """Loss (B,) of one transition per trajectory of the micro-batch (x_t: (B, C, H, W), t: (B,), ...) + stats."""
+    x_t, x_prev, t, text = batch["x_t"], batch["x_prev"], batch["t"], batch["text"]
+    eps, _ = predict_eps(m, x_t, t, text, args.guidance_scale if args.cfg else None)  # NOTE: CFG in the training forward
+    _, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, args.eta, x_prev=x_prev)
+    log_pb = backward_logprob(m.scheduler, t, x_t, x_prev)
+    log_flow, log_flow_prev = log_flows(m, batch, reward_exp)
+    unetreg = ((eps - batch["eps_old"]) ** 2).mean(dim=(1, 2, 3))
+    if args.algo == "db":
+        loss = db_loss(log_flow, log_pf, log_pb, log_flow_prev)
+    else:
+        loss_flow, loss_policy = kl_loss(log_flow, log_pf, batch["log_pf_old"], log_pb, log_flow_prev, args.clip_range, args.adv_clip)
+        loss = loss_flow + args.kl_coef * loss_policy
+    loss = loss + args.unetreg * unetreg
+    return loss, {"loss": loss.mean().item(), "log_pf": log_pf.mean().item(), "log_flow": log_flow.mean().item(), "unetreg": unetreg.mean().item()}
+
+
+def train_epoch(m, traj, optimizer, reward_exp, args, generator, rank):
+    """SPEC Sec. 6: for each micro-batch of trajectories, for each of the N permuted transitions, backward
+    loss.mean() / (grad_accum * N); an optimizer step every grad_accum micro-batches. -> mean stats."""
+    traj = shuffle_transitions(traj, generator)
+    B, N = traj["t"].shape
+    m.unet.train()
+    m.flow.train()
+    trainable = m.lora_params + list(m.flow.parameters())
+    stats, micro_batches = [], range(0, B, args.train_batch)
+    for k, i in enumerate(tqdm(micro_batches, desc="train", disable=rank != 0, leave=False)):
+        for j in range(N):
+            batch = {key: v[i : i + args.train_batch, j] for key, v in traj.items() if key in STEP_KEYS}
+            batch["text"] = None if traj["text"] is None else traj["text"][i : i + args.train_batch]
+            loss, s = transition_loss(m, batch, reward_exp, args)
+            (loss.mean() / (args.grad_accum * N)).backward()
+            stats.append(s)
+        if (k + 1) % args.grad_accum == 0:
+            average_gradients(trainable)
+            torch.nn.utils.clip_grad_norm_(m.lora_params, args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(m.flow.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    m.unet.eval()
+    m.flow.eval()
+    return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs: image grid, checkpoint, resume
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def save_grid(path, images, prompts, scores, cols=4, size=192):
+    """PNG grid of (B, 3, H, W) images in [0, 1] with the prompt and reward under each."""
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * size, rows * (size + 28)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (array, prompt, score) in enumerate(zip(rewards.to_uint8(images), prompts, scores)):
+        x, y = (i % cols) * size, (i // cols) * (size + 28)
+        grid.paste(Image.fromarray(array).resize((size, size), Image.NEAREST), (x, y))
+        draw.text((x + 4, y + size + 2), f"{prompt[:28]}\nr = {float(score):.3f}", fill="black")
+    grid.save(path)
+
+
+def rng_state(generators):
+    return {name: g.get_state() for name, g in generators.items()}
+
+
+def save_checkpoint(out, epoch, m, optimizer, generators, rank):
+    """Rank 0 writes OUT/checkpoint-EPOCH atomically (temp dir + rename); every rank's RNG states are included."""
+    states = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state(generators))
+    else:
+        states[0] = rng_state(generators)
+    digests = parameter_digest(m.lora_params + list(m.flow.parameters()))
+    if rank == 0:
+        final, tmp = out / f"checkpoint-{epoch}", out / f".checkpoint-{epoch}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(m.unet).items()}
+        if m.conditional:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora))
+        else:
+            from safetensors.torch import save_file
+
+            save_file(lora, tmp / "pytorch_lora_weights.safetensors")  # peft key format (UNet2DModel)
+        state = {"epoch": epoch, "lora": lora, "flow": m.flow.state_dict(), "optimizer": optimizer.state_dict(), "rng": states, "digests": digests}
+        torch.save(state, tmp / "training_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if dist.is_initialized():
+        dist.barrier()
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks diverged: trainable-weight digests {digests}")
+
+
+def find_checkpoint(out, resume):
+    """'auto' -> the newest complete OUT/checkpoint-* (or None); otherwise the given directory."""
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "training_state.pt").is_file():
+            die(f"--resume {resume!r}: no training_state.pt in that directory")
+        return path
+    done = [p for p in out.glob("checkpoint-*") if (p / "training_state.pt").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def load_checkpoint(path, m, optimizer, generators, rank):
+    """Restore LoRA, flow, optimizer and this rank's RNG streams. -> the number of completed epochs."""
+    state = torch.load(path / "training_state.pt", map_location=m.device, weights_only=False)
+    set_peft_model_state_dict(m.unet, state["lora"])
+    m.flow.load_state_dict(state["flow"])
+    optimizer.load_state_dict(state["optimizer"])
+    if rank < len(state["rng"]):
+        for name, g in generators.items():
+            g.set_state(state["rng"][rank][name].cpu())
+    return state["epoch"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    out = Path(args.out)
+    if args.resume is None and (out / "log.jsonl").exists():
+        die(f"{out} already holds a run: pass --resume auto to continue it, or choose another --out")
+    prompts_all = load_prompts(args.prompts)
+    rank, world, device = setup_distributed()
+    try:
+        _train(args, out, prompts_all, rank, world, device)
+    finally:
+        gc.collect()  # NOTE: freeing the models before teardown avoids gloo aborting at exit (SPEC Sec. 6)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, out, prompts_all, rank, world, device):
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)  # weight init; rank 0's is broadcast below anyway
+    # CRUCIAL: a different seed per rank for prompts, noise and shuffling, or every GPU draws the same samples
+    generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank),
+                  "cpu": torch.Generator().manual_seed(args.seed + rank)}  # fmt: skip
+    m = load_models(args, device)
+    try:
+        reward_fn = rewards.load(args.reward, device)
+    except (ImportError, OSError, ValueError) as e:
+        die(f"cannot load reward {args.reward!r}: {e}")
+    optimizer = torch.optim.AdamW(
+        [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow.parameters(), "lr": args.flow_lr}],
+        betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8,
+    )  # fmt: skip
+    broadcast_parameters(m.lora_params + list(m.flow.parameters()))
+    start = 0
+    ckpt = find_checkpoint(out, args.resume) if args.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, m, optimizer, generators, rank)
+        print0(f"resumed from {ckpt} at epoch {start}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
+    per_rank = args.sample_batch * args.num_batches
+    n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow.parameters())
+    print0(f"DAG-{args.algo.upper()} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
+           f"world {world} | device {device.type} | frozen {m.dtype} | trainable LoRA {n_lora:,} + flow {n_flow:,}\n"
+           f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
+           f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
+           f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch")  # fmt: skip
+    m.unet.eval()
+    m.flow.eval()
+    for epoch in range(start, args.epochs):
+        beta = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
+        t0 = time.time()
+        batches = []
+        for _ in tqdm(range(args.num_batches), desc=f"epoch {epoch} sample", disable=rank != 0, leave=False):
+            idx = torch.randint(len(prompts_all), (args.sample_batch,), generator=generators["cpu"])
+            prompts = [prompts_all[i] for i in idx] if m.conditional else [""] * args.sample_batch
+            batches.append((prompts, rollout(m, reward_fn, prompts, args, generators["noise"])))
+        keys = STEP_KEYS + ("text", "reward")  # the images of batch 0 only are kept, for the grid
+        traj = {k: None if batches[0][1][k] is None else torch.cat([b[k] for _, b in batches]) for k in keys}
+        t1 = time.time()
+        stats = train_epoch(m, traj, optimizer, beta, args, generators["cpu"], rank)
+        all_rewards = gather(traj["reward"])
+        record = {"epoch": epoch, "reward_exp": beta, "reward_mean": all_rewards.mean().item(),
+                  "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0, **stats,
+                  "rollout_s": t1 - t0, "train_s": time.time() - t1}  # fmt: skip
+        if rank == 0:
+            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            prompts, first = batches[0]
+            save_grid(out / f"samples-{epoch:04d}.png", first["images"][:16], prompts[:16], first["reward"][:16])
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            save_checkpoint(out, epoch + 1, m, optimizer, generators, rank)
+        del traj, batches
+
+
+if __name__ == "__main__":
+    main()

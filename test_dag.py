@@ -1,0 +1,545 @@
+"""Tests for dag.py: the loss math against references (SPEC Sec. 10), then end-to-end runs on tiny models.
+
+Every model here has random weights built from a config (no downloads): the CIFAR-10 DDPM architecture
+(`google/ddpm-cifar10-32`, a small config of the same family for speed, the full one once) and a tiny Stable
+Diffusion pipeline assembled from configs. Run: `HF_HUB_OFFLINE=1 python -m pytest -q test_dag.py`.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+import dag
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Schedulers and models built from configs
+# --------------------------------------------------------------------------------------------------------------------
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)  # fmt: skip
+CIFAR_SCHEDULER = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
+                       num_train_timesteps=1000, variance_type="fixed_large")  # fmt: skip
+CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, freq_shift=1,
+                  flip_sin_to_cos=False, downsample_padding=0, norm_eps=1e-6, block_out_channels=(128, 256, 256, 256),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))  # fmt: skip
+SMALL_UNET = {**CIFAR_UNET, "layers_per_block": 1, "block_out_channels": (32, 64),
+              "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D")}
+
+
+def sd_scheduler(steps=50):
+    return dag.ddim_scheduler(DDIMScheduler(**SD_SCHEDULER).config, steps)
+
+
+def float64_constants(s):
+    """diffusers keeps alphas_cumprod in float32 and takes its square roots there; a float64 copy makes
+    `scheduler.step` an exact float64 reference (1 - a_t / a' cancels badly in float32 near t = 0)."""
+    s.alphas_cumprod = s.alphas_cumprod.double()
+    s.final_alpha_cumprod = s.final_alpha_cumprod.double()  # = alphas_cumprod[0], used when t - Delta < 0
+    return s
+
+
+def cifar_scheduler(steps=50):
+    return dag.ddim_scheduler(DDPMScheduler(**CIFAR_SCHEDULER).config, steps)
+
+
+def save_ddpm(path, unet_config):
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet2DModel(**unet_config), scheduler=DDPMScheduler(**CIFAR_SCHEDULER)).save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_sd(path):
+    """A Stable Diffusion pipeline of the real classes at toy sizes: 16x16 images, 8x8x4 latents, 32-wide text."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in letters:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (path / "toy_tok").mkdir(parents=True)
+    (path / "toy_tok" / "vocab.json").write_text(json.dumps(vocab))
+    (path / "toy_tok" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "toy_tok" / "vocab.json"), str(path / "toy_tok" / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))  # fmt: skip
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(32, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.save_pretrained(path / "pipe")
+    return str(path / "pipe")
+
+
+@pytest.fixture(scope="session")
+def ddpm_dir(tmp_path_factory):
+    return save_ddpm(tmp_path_factory.mktemp("ddpm"), SMALL_UNET)
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+def cli(model, out, *extra):
+    """A tiny run's argv: few steps, small batches, fp32, jpeg reward."""
+    return ["--model", model, "--out", str(out), "--reward", "jpeg_compressibility", "--steps", "4", "--sample-batch",
+            "4", "--num-batches", "1", "--train-batch", "2", "--grad-accum", "1", "--precision", "fp32", *extra]  # fmt: skip
+
+
+def load(model, *extra):
+    args = dag.parse_args(cli(model, "/unused", *extra))
+    dag.check_args(args)
+    torch.manual_seed(0)
+    return args, dag.load_models(args, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1-3, 12: DDIM transition math
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [sd_scheduler, cifar_scheduler])
+def test_ddim_step_matches_diffusers_at_every_timestep(make):  # oracle 1
+    s = make()
+    g = generator(1)
+    x_t, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    for k, t in enumerate(s.timesteps):
+        z = torch.randn(x_t.shape, generator=generator(100 + k))
+        ref = s.step(eps, t, x_t, eta=1.0, variance_noise=z).prev_sample
+        ours, _ = dag.ddim_step_logprob(s, eps, torch.full((2,), int(t)), x_t, eta=1.0, generator=generator(100 + k))
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [sd_scheduler, cifar_scheduler])
+def test_log_probs_match_torch_normal(make):  # oracle 2
+    s = float64_constants(make(10))
+    g = generator(2)
+    x_t, eps, x_prev = (torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    for t in s.timesteps:
+        tt = torch.full((3,), int(t))
+        t_prev = max(int(t) - 1000 // 10, 0)
+        mean = s.step(eps, t, x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
+        std = s._get_variance(t, t_prev).double().sqrt()
+        _, log_pf = dag.ddim_step_logprob(s, eps, tt, x_t, x_prev=x_prev)
+        reference = torch.distributions.Normal(mean, std).log_prob(x_prev).mean((1, 2, 3))
+        torch.testing.assert_close(log_pf, reference, rtol=1e-12, atol=1e-12)
+        ratio = s.alphas_cumprod[int(t)].double() / s.alphas_cumprod[t_prev].double()
+        q = torch.distributions.Normal(ratio.sqrt() * x_prev, (1 - ratio).sqrt())  # evaluated at x_t, not x_prev
+        torch.testing.assert_close(dag.backward_logprob(s, tt, x_t, x_prev), q.log_prob(x_t).mean((1, 2, 3)))
+
+
+def test_eta_one_ddim_is_the_ddpm_posterior_float64():  # oracle 3
+    s = sd_scheduler()
+    g = generator(3)
+    x0, x_t = torch.randn(2, 1, 1, 1, generator=g, dtype=torch.float64), torch.randn(2, 1, 1, 1, generator=g, dtype=torch.float64)
+    for t in s.timesteps:
+        a_t, a_p = (s.alphas_cumprod[i].double() for i in (int(t), max(int(t) - 20, 0)))
+        eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        alpha, beta = a_t / a_p, 1 - a_t / a_p  # the strided chain's one-step noising kernel
+        post_mean = a_p.sqrt() * beta / (1 - a_t) * x0 + alpha.sqrt() * (1 - a_p) / (1 - a_t) * x_t
+        post = torch.distributions.Normal(post_mean, ((1 - a_p) / (1 - a_t) * beta).sqrt())
+        for k in range(3):  # three points pin down a 1-d Gaussian's mean and variance
+            x_prev = torch.randn(2, 1, 1, 1, generator=generator(k), dtype=torch.float64)
+            _, log_pf = dag.ddim_step_logprob(s, eps, torch.full((2,), int(t)), x_t, x_prev=x_prev)
+            torch.testing.assert_close(log_pf, post.log_prob(x_prev).flatten(), atol=1e-12, rtol=1e-12)
+
+
+def test_timesteps_and_x0_round_trip():  # oracle 12
+    expected = list(range(981, 0, -20))
+    assert sd_scheduler().timesteps.tolist() == expected
+    assert cifar_scheduler().timesteps.tolist() == expected
+    s = cifar_scheduler()
+    assert max(int(s.timesteps[-1]) - 1000 // 50, 0) == 0  # the last step lands on t_prev = 0
+    g = generator(4)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    for t in (981, 501, 1):
+        a_t = s.alphas_cumprod[t].double()
+        x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+        torch.testing.assert_close(dag.predict_x0(s, eps, torch.full((2,), t), x_t), x0)
+
+
+def test_cifar_config_as_published_has_a_zero_variance_step():
+    """Why ddim_scheduler forces steps_offset=1: the DDPM's own config makes the last step t -> t = 0."""
+    s = DDIMScheduler.from_config(DDPMScheduler(**CIFAR_SCHEDULER).config)
+    s.set_timesteps(50)
+    assert int(s.timesteps[-1]) == 0
+    with pytest.raises(ValueError, match="zero std"):
+        dag.ddim_step_logprob(s, torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), torch.zeros(1, 3, 2, 2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4-7, 11: DB and KL objectives
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_db_residual_is_zero_for_the_exact_flow_of_a_point_mass():  # oracle 4
+    s = sd_scheduler()
+    g = generator(5)
+    x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+
+    def log_marginal(x, t):  # log q(x_t) for data = point mass at x0, mean over dims
+        a = s.alphas_cumprod[t].double()
+        return torch.distributions.Normal(a.sqrt() * x0, (1 - a).sqrt()).log_prob(x).mean((1, 2, 3))
+
+    for t in s.timesteps.tolist():
+        a = s.alphas_cumprod[t].double()
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64) * 1.3
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()  # the oracle denoiser of a point mass
+        tt = torch.full((3,), t)
+        x_prev, log_pf = dag.ddim_step_logprob(s, eps, tt, x_t, generator=g)
+        log_pb = dag.backward_logprob(s, tt, x_t, x_prev)
+        loss = dag.db_loss(log_marginal(x_t, t), log_pf, log_pb, log_marginal(x_prev, max(t - 20, 0)))
+        assert loss.max().sqrt() < 1e-11, (t, loss)
+
+
+def test_mean_and_sum_reductions_are_a_rescaling():  # oracle 5
+    s = float64_constants(sd_scheduler(10))
+    g = generator(6)
+    x_t, eps = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    t, D, beta = torch.full((4,), int(s.timesteps[3])), 18, 7.0
+    flow, flow_prev, r, r_prev = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(4))
+    x_prev, log_pf = dag.ddim_step_logprob(s, eps, t, x_t, generator=g)
+    log_pb = dag.backward_logprob(s, t, x_t, x_prev)
+    mean_db = dag.db_loss(flow + beta * r, log_pf, log_pb, flow_prev + beta * r_prev)
+    # the same transition with summed densities (independent reference), exponent D*beta and flow D*F
+    t_prev = int(t[0]) - 100
+    a_t, a_p = s.alphas_cumprod[int(t[0])].double(), s.alphas_cumprod[t_prev].double()
+    mean = s.step(eps, int(t[0]), x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
+    sum_pf = torch.distributions.Normal(mean, s._get_variance(int(t[0]), t_prev).double().sqrt()).log_prob(x_prev).sum((1, 2, 3))
+    sum_pb = torch.distributions.Normal((a_t / a_p).sqrt() * x_prev, (1 - a_t / a_p).sqrt()).log_prob(x_t).sum((1, 2, 3))
+    sum_db = dag.db_loss(D * flow + D * beta * r, sum_pf, sum_pb, D * flow_prev + D * beta * r_prev)
+    torch.testing.assert_close(sum_db, D**2 * mean_db)
+
+
+def test_leave_one_out_advantages():  # oracle 6
+    a = torch.randn(6, generator=generator(7), dtype=torch.float64)
+    others = [[k for k in range(6) if k != i] for i in range(6)]
+    d = [a[i] - a[others[i]].mean() for i in range(6)]  # each sample minus the mean of the other five
+    expected = [(d[i] / (torch.stack([d[k] ** 2 for k in others[i]]).mean().sqrt() + 1e-8)).clamp(-5, 5) for i in range(6)]
+    torch.testing.assert_close(dag.leave_one_out_advantages(a), torch.stack(expected))
+    torch.testing.assert_close(dag.leave_one_out_advantages(3.0 * a + 11.0), dag.leave_one_out_advantages(a), atol=1e-7, rtol=0)
+    assert dag.leave_one_out_advantages(torch.tensor([100.0] + [0.0] * 9)).max() == 5.0  # one outlier: A = 9 -> 5
+    with pytest.raises(ValueError, match="at least 2"):
+        dag.leave_one_out_advantages(torch.tensor([1.0]))
+
+
+def test_ppo_clip_gradient():  # oracle 7
+    n = 6
+    zero = torch.zeros(n, dtype=torch.float64)
+    log_flow_prev = torch.tensor([3.0, -2.0, 1.0, -1.0, 0.5, -4.0], dtype=torch.float64)  # sets the advantages
+    log_pf = torch.tensor([0.0, 0.0, 0.5, -0.5, -0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    _, loss_policy = dag.kl_loss(zero, log_pf, zero, zero, log_flow_prev, clip_range=1e-4)
+    loss_policy.sum().backward()
+    adv = dag.leave_one_out_advantages((log_flow_prev - log_pf).detach())
+    ratio = log_pf.detach().exp()
+    clipped = ((adv > 0) & (ratio > 1 + 1e-4)) | ((adv < 0) & (ratio < 1 - 1e-4))
+    assert clipped.tolist() == [False, False, True, True, False, False]
+    assert (log_pf.grad[clipped] == 0).all()
+    torch.testing.assert_close(log_pf.grad[:2], -adv[:2])  # ratio 1: gradient -A
+    torch.testing.assert_close(log_pf.grad[4:], -adv[4:] * ratio[4:])  # outside the clip on the pessimistic side
+
+
+def test_reward_exp_schedule():  # oracle 11
+    values = [dag.reward_exp_at(e, 100, 100.0) for e in (0, 1, 25, 49, 50, 99)]
+    assert values == pytest.approx([0, 2, 50, 98, 100, 100])
+    assert dag.reward_exp_at(0, 100, 100.0, anneal=False) == 100.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 13-14: flow network, permutation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_flow_net_shapes():  # oracle 13
+    torch.manual_seed(0)
+    text_flow, pixel_flow = dag.FlowNet(4, 768), dag.FlowNet(3, None)
+    assert sum(p.numel() for p in text_flow.parameters()) == 6_452_993  # the release's ConditionalFlow: 6.45 M
+    for B in (1, 4):
+        t = torch.full((B,), 981)
+        assert text_flow(torch.randn(B, 4, 64, 64), t, torch.randn(B, 77, 768)).shape == (B,)
+        assert pixel_flow(torch.randn(B, 3, 32, 32), t).shape == (B,)
+
+
+def test_shuffle_keeps_every_key_aligned():  # oracle 14
+    B, N = 5, 7
+    code = torch.arange(B)[:, None] * 100 + torch.arange(N)[None]  # trajectory i, step j -> 100 i + j
+    traj = {"x_t": code[..., None, None, None].float().expand(B, N, 1, 2, 2), "x_prev": (code + 1)[..., None].float(),
+            "t": 1000 - 20 * code % 100, "log_pf_old": code.double(), "eps_old": -code.float(),
+            "r_t": code.float() + 0.5, "r_prev": code.float() + 1.5,
+            "text": torch.arange(B)[:, None].float(), "reward": torch.arange(B).float()}  # fmt: skip
+    out = dag.shuffle_transitions(traj, generator(8))
+    i = out["reward"].long()  # where each trajectory went
+    j = out["log_pf_old"].long() - 100 * i[:, None]  # which original step sits at each slot
+    assert sorted(i.tolist()) == list(range(B))
+    assert all(sorted(row) == list(range(N)) for row in j.tolist())
+    assert not (j == torch.arange(N)).all(), "steps were not permuted"
+    assert len({tuple(row) for row in j.tolist()}) > 1, "every trajectory got the same permutation"
+    code_out = 100 * i[:, None] + j
+    assert torch.equal(out["x_t"][:, :, 0, 0, 0], code_out.float())
+    assert torch.equal(out["x_prev"][..., 0], code_out.float() + 1)  # x_prev[i, j] is still x_t[i, j]'s child
+    assert torch.equal(out["t"], 1000 - 20 * code_out % 100)
+    assert torch.equal(out["eps_old"], -code_out.float())
+    assert torch.equal(out["r_t"], code_out + 0.5) and torch.equal(out["r_prev"], code_out + 1.5)
+    assert torch.equal(out["text"][:, 0], i.float())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8-10: rollout, ratio, unetreg and gradient routing on real model code (tiny CIFAR DDPM and tiny SD)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def jpeg_reward(images, prompts):
+    return -torch.stack([img.mean() for img in images])  # any pixel function will do for routing tests
+
+
+def step_batch(traj, j):
+    batch = {k: traj[k][:, j] for k in dag.STEP_KEYS}
+    batch["text"] = traj["text"]
+    return batch
+
+
+@pytest.mark.parametrize("which", ["ddpm", "sd"])
+def test_ratio_is_one_and_unetreg_zero_at_the_rollout_policy(which, request):  # oracles 8, 10
+    args, m = load(request.getfixturevalue(f"{which}_dir"))
+    traj = dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
+    for j in range(args.steps):  # same batch composition as at rollout, parameters unchanged
+        batch = step_batch(traj, j)
+        eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], batch["text"], args.guidance_scale)
+        _, log_pf = dag.ddim_step_logprob(m.scheduler, eps, batch["t"], batch["x_t"], args.eta, x_prev=batch["x_prev"])
+        assert torch.equal(log_pf, batch["log_pf_old"]), "exp(log_pf - log_pf_old) must be exactly 1"
+        lora = m.lora_params[0]
+        reg = ((eps - batch["eps_old"]) ** 2).mean()
+        assert reg.item() == 0.0
+        (grad,) = torch.autograd.grad(reg, lora)
+        assert (grad == 0).all()
+    # the stored chain is consistent: each transition's child is the next transition's parent
+    assert torch.equal(traj["x_prev"][:, :-1], traj["x_t"][:, 1:])
+    assert torch.equal(traj["r_prev"][:, :-1], traj["r_t"][:, 1:]) and torch.equal(traj["r_prev"][:, -1], traj["reward"])
+
+
+@pytest.mark.parametrize("which", ["ddpm", "sd"])
+def test_gradient_routing_db_and_kl(which, request):  # oracle 9
+    args, m = load(request.getfixturevalue(f"{which}_dir"))
+    traj = dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(10))
+    batch = step_batch(traj, 1)
+    batch["eps_old"] = batch["eps_old"] + 0.1  # make unetreg nonzero: its value is checked below
+    flow_grads = {}
+    for algo in ("db", "kl"):
+        args.algo = algo
+        m.unet.zero_grad(set_to_none=True)
+        m.flow.zero_grad(set_to_none=True)
+        loss, stats = dag.transition_loss(m, batch, 3.0, args)
+        loss.mean().backward()
+        assert all(p.grad is not None for p in m.lora_params)
+        lora_b = [p for n, p in m.unet.named_parameters() if "lora_B" in n]  # B = 0 at init, so only B moves first
+        assert lora_b and all(p.grad.abs().sum() > 0 for p in lora_b)
+        flow_grads[algo] = [p.grad.clone() for p in m.flow.parameters()]
+        frozen = [p for p in m.unet.parameters() if not p.requires_grad]
+        for module in (m.vae, m.text_encoder):
+            frozen += list(module.parameters()) if module is not None else []
+        assert frozen and all(p.grad is None for p in frozen)
+    assert all(torch.equal(a, b) for a, b in zip(flow_grads["db"], flow_grads["kl"]))
+    with torch.no_grad():
+        eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], batch["text"], args.guidance_scale)
+    assert stats["unetreg"] == pytest.approx(((eps - batch["eps_old"]) ** 2).mean().item(), rel=1e-5)
+
+
+def test_kl_policy_term_is_the_only_theta_gradient_besides_unetreg(ddpm_dir):
+    args, m = load(ddpm_dir, "--algo", "kl", "--unetreg", "0", "--kl-coef", "0")
+    traj = dag.rollout(m, jpeg_reward, [""] * 4, args, generator(11))
+    loss, _ = dag.transition_loss(m, step_batch(traj, 2), 2.0, args)
+    loss.mean().backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in m.lora_params)  # theta: nothing from loss_flow
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 15: learning signal
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_flow_alone_halves_the_db_loss(ddpm_dir):  # oracle 15a
+    args, m = load(ddpm_dir)
+    traj = dag.rollout(m, jpeg_reward, [""] * 4, args, generator(12))
+    batches = [{**step_batch(traj, j), "text": None} for j in range(args.steps)]
+    log_pb = [dag.backward_logprob(m.scheduler, b["t"], b["x_t"], b["x_prev"]) for b in batches]
+    opt = torch.optim.AdamW(m.flow.parameters(), lr=3e-4)
+    losses = []
+    for _ in range(30):  # theta is fixed, so log_pf = log_pf_old exactly (see the ratio test)
+        opt.zero_grad()
+        loss = 0.0
+        for b, lpb in zip(batches, log_pb):
+            log_flow, log_flow_prev = dag.log_flows(m, b, 5.0)
+            loss = loss + dag.db_loss(log_flow, b["log_pf_old"], lpb, log_flow_prev).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def brightness(device=None):
+    """A differentiable pixel reward for learning tests: mean intensity in [0, 1]."""
+    return lambda images, prompts: images.mean(dim=(1, 2, 3))
+
+
+def test_training_raises_a_pixel_reward(ddpm_dir, tmp_path):  # oracle 15b
+    dag.main(["--model", ddpm_dir, "--out", str(tmp_path), "--reward", "test_dag:brightness", "--steps", "5",
+              "--sample-batch", "8", "--num-batches", "1", "--train-batch", "4", "--grad-accum", "1", "--epochs", "6",
+              "--lr", "3e-3", "--reward-exp", "300", "--no-anneal", "--seed", "1"])  # fmt: skip
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    first, last = log[0]["reward_mean"], sum(r["reward_mean"] for r in log[-2:]) / 2
+    assert last > first + 0.02, [r["reward_mean"] for r in log]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# End to end: CLI, outputs, full-size CIFAR architecture, errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_main_two_epochs_writes_log_grid_checkpoint(ddpm_dir, tmp_path):
+    dag.main(cli(ddpm_dir, tmp_path, "--epochs", "2", "--algo", "kl"))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert all(math.isfinite(r[k]) for r in log for k in ("loss", "log_pf", "log_flow", "reward_mean"))
+    assert log[0]["reward_exp"] == 0 and log[1]["reward_exp"] == 100
+    assert (tmp_path / "samples-0001.png").is_file() and (tmp_path / "checkpoint-2" / "training_state.pt").is_file()
+    assert json.loads((tmp_path / "args.json").read_text())["algo"] == "kl"
+
+
+def test_full_size_cifar_ddpm_architecture(tmp_path):
+    from diffusers import UNet2DModel
+
+    assert round(sum(p.numel() for p in UNet2DModel(**CIFAR_UNET).parameters()) / 1e6, 1) == 35.7
+    model = save_ddpm(tmp_path / "full", CIFAR_UNET)
+    dag.main(cli(model, tmp_path / "run", "--epochs", "1", "--steps", "2", "--sample-batch", "2"))
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["epoch"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sample-batch", "6", "--train-batch", "4"], "not divisible by --train-batch"),
+    (["--num-batches", "3", "--grad-accum", "4"], "not divisible by --grad-accum"),
+    (["--algo", "kl", "--train-batch", "1"], "--train-batch >= 2"),
+    (["--reward", "nope"], "unknown reward"),
+    (["--eta", "0"], "--eta must be > 0"),
+    (["--prompts", "EMPTY"], "holds no prompt"),
+    (["--prompts", "/does/not/exist.txt"], "neither a prompt set"),
+])  # fmt: skip
+def test_user_mistakes_exit_2_with_one_line(extra, message, ddpm_dir, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    extra = [str(tmp_path / "empty.txt") if e == "EMPTY" else e for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main(cli(ddpm_dir, tmp_path / "run", *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_model_offline_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main(cli("no-such-org/no-such-model", tmp_path))
+    assert exit_info.value.code == 2
+    assert "--model /path/to/the/local/copy" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_a_run(ddpm_dir, tmp_path, capsys):
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit):
+        dag.main(cli(ddpm_dir, tmp_path))
+    assert "--resume auto" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stable Diffusion path: torchrun, LoRA export, resume
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_script(argv, nproc=None, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return subprocess.Popen([*launcher, str(HERE / "dag.py"), *argv], env=env, cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def test_torchrun_two_processes_stay_in_sync(sd_dir, tmp_path):
+    proc = run_script(cli(sd_dir, tmp_path, "--epochs", "2", "--lr", "1e-2"), nproc=2)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert "world 2" in output and "global: 8 trajectories/epoch" in output
+    state = torch.load(tmp_path / "checkpoint-2" / "training_state.pt", weights_only=False)
+    d0, d1 = state["digests"]
+    assert d0 == d1, "LoRA + flow weights differ between ranks"
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["noise"], state["rng"][1]["noise"])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]  # rank 0 alone writes the log
+    assert (tmp_path / "samples-0001.png").is_file()
+    assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_saved_lora_loads_into_a_fresh_pipeline(sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    dag.main(cli(sd_dir, tmp_path, "--epochs", "1", "--lr", "3e-2"))
+
+    def sample(pipe):
+        return pipe("cat", num_inference_steps=3, generator=generator(0), output_type="pt").images
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    before = sample(pipe)
+    pipe.load_lora_weights(tmp_path / "checkpoint-1")
+    after = sample(pipe)
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(sd_dir, tmp_path):
+    argv = cli(sd_dir, tmp_path / "full", "--epochs", "4", "--save-every", "1", "--lr", "1e-2", "--reward-exp", "5")
+    full = run_script(argv)
+    output, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, output
+    expected = {r["epoch"]: r for r in map(json.loads, (tmp_path / "full" / "log.jsonl").read_text().splitlines())}
+
+    argv_cut = [a if a != str(tmp_path / "full") else str(tmp_path / "cut") for a in argv]
+    cut = run_script(argv_cut)
+    while not (tmp_path / "cut" / "checkpoint-1").is_dir():
+        assert cut.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    cut.send_signal(signal.SIGKILL)
+    cut.wait()
+    resumed = run_script(argv_cut + ["--resume", "auto"])
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in output, output
+    got = {}
+    for record in map(json.loads, (tmp_path / "cut" / "log.jsonl").read_text().splitlines()):
+        got[record["epoch"]] = record  # an epoch logged twice (killed before its checkpoint) keeps the rerun
+    start = int(output.split("at epoch ")[1].split()[0])
+    assert start >= 1 and set(got) == set(expected)
+    for epoch in range(start, 4):
+        for key in ("reward_mean", "loss", "log_flow"):
+            assert got[epoch][key] == pytest.approx(expected[epoch][key], rel=1e-6, abs=1e-9), (epoch, key)
