@@ -13,7 +13,6 @@ import importlib
 import io
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
