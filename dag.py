@@ -467,6 +467,21 @@ def rollout(m, reward_fn, prompts, args, generator):
     return traj
 
 
+def sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch):
+    """num_batches rollouts of sample_batch trajectories, each with its own random prompts.
+
+    -> (traj with every key concatenated to (num_batches * sample_batch, ...), grid material of the first batch)."""
+    parts, grid = [], None
+    for _ in tqdm(range(args.num_batches), desc=f"epoch {epoch} sample", disable=rank != 0, leave=False):
+        idx = torch.randint(len(prompts_all), (args.sample_batch,), generator=generators["cpu"])
+        prompts = [prompts_all[i] for i in idx] if m.conditional else [""] * args.sample_batch
+        part = rollout(m, reward_fn, prompts, args, generators["noise"])
+        images = part.pop("images")
+        grid = grid or (images[:16], prompts[:16], part["reward"][:16].tolist())
+        parts.append(part)
+    return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}, grid
+
+
 def shuffle_transitions(traj, generator):
     """Shuffle trajectories, then permute the N transitions of EACH trajectory independently, moving every
     per-transition key with the same index (so x_prev[i, j] stays the child of x_t[i, j])."""
@@ -521,10 +536,9 @@ def transition_loss(m, batch, reward_exp, args):
     return loss, {"loss": loss.mean().item(), "log_pf": log_pf.mean().item(), "log_flow": log_flow.mean().item(), "unetreg": unetreg.mean().item()}
 
 
-def train_epoch(m, traj, optimizer, reward_exp, args, generator, rank):
-    """SPEC Sec. 6: for each micro-batch of trajectories, for each of the N permuted transitions, backward
-    loss.mean() / (grad_accum * N); an optimizer step every grad_accum micro-batches. -> mean stats."""
-    traj = shuffle_transitions(traj, generator)
+def train_epoch(m, traj, optimizer, reward_exp, args, rank):
+    """SPEC Sec. 6, on shuffled trajectories: for each micro-batch of trajectories, for each of the N permuted
+    transitions, backward loss.mean() / (grad_accum * N); an optimizer step every grad_accum micro-batches."""
     B, N = traj["t"].shape
     m.unet.train()
     m.flow.train()
@@ -682,16 +696,11 @@ def _train(args, out, prompts_all, rank, world, device):
     for epoch in range(start, args.epochs):
         beta = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
         t0 = time.time()
-        batches = []
-        for _ in tqdm(range(args.num_batches), desc=f"epoch {epoch} sample", disable=rank != 0, leave=False):
-            idx = torch.randint(len(prompts_all), (args.sample_batch,), generator=generators["cpu"])
-            prompts = [prompts_all[i] for i in idx] if m.conditional else [""] * args.sample_batch
-            batches.append((prompts, rollout(m, reward_fn, prompts, args, generators["noise"])))
-        keys = STEP_KEYS + ("text", "reward")  # the images of batch 0 only are kept, for the grid
-        traj = {k: None if batches[0][1][k] is None else torch.cat([b[k] for _, b in batches]) for k in keys}
+        traj, grid = sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch)
         t1 = time.time()
-        stats = train_epoch(m, traj, optimizer, beta, args, generators["cpu"], rank)
         all_rewards = gather(traj["reward"])
+        traj = shuffle_transitions(traj, generators["cpu"])  # rebinding frees the unshuffled copy
+        stats = train_epoch(m, traj, optimizer, beta, args, rank)
         record = {"epoch": epoch, "reward_exp": beta, "reward_mean": all_rewards.mean().item(),
                   "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0, **stats,
                   "rollout_s": t1 - t0, "train_s": time.time() - t1}  # fmt: skip
@@ -699,11 +708,10 @@ def _train(args, out, prompts_all, rank, world, device):
             print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            prompts, first = batches[0]
-            save_grid(out / f"samples-{epoch:04d}.png", first["images"][:16], prompts[:16], first["reward"][:16])
+            save_grid(out / f"samples-{epoch:04d}.png", *grid)
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             save_checkpoint(out, epoch + 1, m, optimizer, generators, rank)
-        del traj, batches
+        del traj  # before the next rollout allocates its own
 
 
 if __name__ == "__main__":

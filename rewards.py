@@ -61,7 +61,7 @@ def clip_preprocess(images, size=224):
     stays differentiable (the release converts every image to PIL on the CPU)."""
     h, w = images.shape[-2:]
     scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))  # truncation, as transformers does
     x = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = x[..., top : top + size, left : left + size]

@@ -19,8 +19,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import dag
+import rewards
 
 HERE = Path(__file__).resolve().parent
+SHARED_ASSETS = HERE.parent / "shared" / "assets"  # optional real weights; tests that need them skip without
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -554,3 +556,75 @@ def test_kill_and_resume_matches_an_uninterrupted_run(sd_dir, tmp_path):
     for epoch in range(start, 4):
         for key in ("reward_mean", "loss", "log_flow"):
             assert got[epoch][key] == pytest.approx(expected[epoch][key], rel=1e-6, abs=1e-9), (epoch, key)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rewards
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_jpeg_rewards_match_an_independent_pil_computation():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = torch.rand(3, 3, 32, 32, generator=generator(15))
+    images[0] = 0.5  # a flat image compresses far better than noise
+    sizes = []
+    for img in images:
+        array = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "JPEG", quality=95)
+        sizes.append(len(buffer.getvalue()) / 1000)
+    got = rewards.load("jpeg_incompressibility")(images, [""] * 3)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    torch.testing.assert_close(got, torch.tensor(sizes))
+    torch.testing.assert_close(rewards.load("jpeg_compressibility")(images, [""] * 3), -torch.tensor(sizes))
+    assert got[0] < got[1]
+
+
+def test_reward_plugin_and_unknown_name():
+    fn = rewards.load("test_dag:brightness")
+    assert fn(torch.full((2, 3, 4, 4), 0.25), ["", ""]).tolist() == [0.25, 0.25]
+    with pytest.raises(ValueError, match="unknown reward"):
+        rewards.load("nope")
+
+
+def brightness(device=None):
+    """A user's reward factory, loaded through `--reward test_dag:brightness`."""
+    return lambda images, prompts: images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.skipif(not (SHARED_ASSETS / rewards.AESTHETIC_HEAD_FILE).is_file(), reason="real LAION head not in ../shared/assets")
+def test_aesthetic_reward_device_preprocessing_matches_pil(tmp_path):
+    """The real LAION head on a random tiny CLIP (the head's 768-d input is all it needs): our tensor preprocessing
+    gives the score that transformers' PIL image processor gives, within 0.02 on SD-sized (downsampled) images."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=224, patch_size=32, projection_dim=768)  # fmt: skip
+    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    fn = rewards.aesthetic("cpu", clip_model=str(tmp_path / "clip"), head_path=str(SHARED_ASSETS / rewards.AESTHETIC_HEAD_FILE))
+    smooth = torch.nn.functional.interpolate(torch.rand(3, 3, 16, 16, generator=generator(16)), size=(512, 384), mode="bilinear")
+    images = torch.from_numpy(rewards.to_uint8(smooth)).permute(0, 3, 1, 2).float() / 255  # what PIL will see
+    images.requires_grad_(True)
+    scores = fn(images, [""] * 3)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0  # differentiable (AlignProp-style use)
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                   image_mean=list(rewards.CLIP_MEAN), image_std=list(rewards.CLIP_STD))  # fmt: skip
+    pil = processor(images=[Image.fromarray(a) for a in rewards.to_uint8(smooth)], return_tensors="pt").pixel_values
+    ours = rewards.clip_preprocess(images.detach())
+    assert (ours - pil).abs().mean() < 0.01
+    clip = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "clip")
+    head = rewards.AestheticHead()
+    head.load_state_dict(torch.load(SHARED_ASSETS / rewards.AESTHETIC_HEAD_FILE, map_location="cpu", weights_only=True))
+    with torch.no_grad():
+        emb = clip(pixel_values=pil).image_embeds
+        reference = head(emb / emb.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(scores.detach(), reference, atol=0.02, rtol=0)
