@@ -11,7 +11,7 @@ arXiv 2406.00633v3 (TMLR 2025). Authors' release: apple/ml-diffusion-alignment-g
 
 Objectives, per transition s = (x_t, t) -> s' = (x_prev, t - Delta) of a stored rollout:
 
-    log F(s)    = F_phi(x_t, t, c) + reward_exp * r(decode(x0_pred(x_t)))      forward-looking flow (paper Sec. 4.2)
+    log F(s)    = F_phi(x_t, t, c) + reward_exp * r(decode(x0_pred(x_t)))      forward-looking flow
     log F(x0)   = reward_exp * r(x0)                                           terminal boundary
     residual    = log F(s) + log p_theta(x_prev | x_t) - log p_B(x_t | x_prev) - log F(s')
     DAG-DB      : residual**2                                                  (--algo db, default)
@@ -32,7 +32,7 @@ Where this file deliberately differs from the paper or the release (each is mark
 
 Usage:
     torchrun --nproc_per_node=8 dag.py --reward aesthetic       # the paper's aesthetic run (SD-1.5, 100 epochs)
-    python dag.py --reward aesthetic --sample-batch 8 --train-batch 4 --grad-accum 8    # one GPU
+    python dag.py --reward aesthetic --num-batches 32 --grad-accum 32    # one GPU, same batches as 8 GPUs
     python dag.py --model google/ddpm-cifar10-32 --reward jpeg_compressibility --steps 10 \
         --sample-batch 8 --num-batches 1 --train-batch 4 --grad-accum 2 --epochs 4     # CPU toy run
 
@@ -55,12 +55,14 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import rewards
@@ -209,7 +211,7 @@ def gather(tensor):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# DDIM transition log-probabilities (paper Sec. 2; DDIM, Song et al. 2021, Eq. 12 with sigma_t = eta * sigma)
+# DDIM transition log-probabilities (DDIM, Song et al. 2021, Eq. 12 with sigma_t = eta * sigma)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -326,7 +328,7 @@ def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
 
 
 def db_loss(log_flow, log_pf, log_pb, log_flow_prev):
-    """DAG-DB (paper Eq. 9): (log F(s) + log p_theta(s'|s) - log p_B(s|s') - log F(s'))^2 -> (B,)."""
+    """DAG-DB, detailed balance: (log F(s) + log p_theta(s'|s) - log p_B(s|s') - log F(s'))^2 -> (B,)."""
     return (log_flow + log_pf - log_pb - log_flow_prev) ** 2
 
 
@@ -341,7 +343,7 @@ def leave_one_out_advantages(a, adv_clip_max=5.0, eps=1e-8):
 
 
 def kl_loss(log_flow, log_pf, log_pf_old, log_pb, log_flow_prev, clip_range=1e-4, adv_clip_max=5.0):
-    """DAG-KL (paper Sec. 4.3, the release's form) -> (loss_flow (B,), loss_policy (B,)).
+    """DAG-KL, the release's form of the paper's KL gradient -> (loss_flow (B,), loss_policy (B,)).
 
     loss_flow trains phi only: the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped
     REINFORCE step with advantage a = -residual (NOTE: per sample grad_theta residual^2 / 2 = residual *
@@ -537,7 +539,7 @@ def transition_loss(m, batch, reward_exp, args):
 
 
 def train_epoch(m, traj, optimizer, reward_exp, args, rank):
-    """SPEC Sec. 6, on shuffled trajectories: for each micro-batch of trajectories, for each of the N permuted
+    """On shuffled trajectories: for each micro-batch of trajectories, for each of the N permuted
     transitions, backward loss.mean() / (grad_accum * N); an optimizer step every grad_accum micro-batches."""
     B, N = traj["t"].shape
     m.unet.train()
@@ -596,16 +598,12 @@ def save_checkpoint(out, epoch, m, optimizer, generators, rank):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(m.unet).items()}
-        if m.conditional:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-
+        if m.conditional:  # diffusers' LoRA format, what pipe.load_lora_weights(dir) reads
             StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora))
         else:
-            from safetensors.torch import save_file
-
             save_file(lora, tmp / "pytorch_lora_weights.safetensors")  # peft key format (UNet2DModel)
-        state = {"epoch": epoch, "lora": lora, "flow": m.flow.state_dict(), "optimizer": optimizer.state_dict(), "rng": states, "digests": digests}
+        state = {"epoch": epoch, "lora": lora, "flow": m.flow.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": states, "digests": digests}  # fmt: skip
         torch.save(state, tmp / "training_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -654,7 +652,7 @@ def main(argv=None):
     try:
         _train(args, out, prompts_all, rank, world, device)
     finally:
-        gc.collect()  # NOTE: freeing the models before teardown avoids gloo aborting at exit (SPEC Sec. 6)
+        gc.collect()  # NOTE: freeing the models before teardown avoids an intermittent gloo abort at exit
         if dist.is_initialized():
             dist.destroy_process_group()
 
