@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="N, DDIM inference steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta; must be > 0 so that p_theta has a density")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance w (negative prompt '')")
-    p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True, help="use CFG in the training forward too (release: cfg)")
+    p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True, help="CFG in the training forward too (release: cfg); --no-cfg trains the text branch, off-policy w.r.t. the CFG rollout")
     p.add_argument("--sample-batch", type=int, default=16, help="trajectories per rollout batch, per process")
     p.add_argument("--num-batches", type=int, default=4, help="rollout batches per epoch, per process")
     p.add_argument("--decode-chunk", type=int, default=16, help="images per VAE decode call (bounds memory)")
@@ -127,8 +127,8 @@ def check_args(args):
     """Validate flag values and the batch arithmetic before anything heavy is loaded."""
     if args.reward not in rewards.REWARDS and ":" not in args.reward:
         die(f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function")
-    if args.eta <= 0:
-        die("--eta must be > 0: with eta = 0 the DDIM step is deterministic and has no log-probability")
+    if not 0 < args.eta <= 1:
+        die("--eta must be in (0, 1]: eta = 0 is deterministic (no log-probability), eta > 1 has no DDIM mean")
     for name in ("steps", "epochs", "sample_batch", "num_batches", "train_batch", "grad_accum", "save_every"):
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1")
@@ -455,7 +455,12 @@ def rollout(m, reward_fn, prompts, args, generator):
     steps = {k: [] for k in ("x_t", "x_prev", "t", "log_pf_old", "eps_old", "r_t")}
     for t_scalar in m.scheduler.timesteps:
         t = torch.full((B,), int(t_scalar), device=dev, dtype=torch.long)
-        eps, eps_text = predict_eps(m, x, t, text, args.guidance_scale)
+        # NOTE: the UNet sees train_batch rows per call, as in the training forward: kernels depend on the batch size,
+        # and equal shapes make an unchanged theta reproduce eps bitwise (DAG-KL ratio exactly 1, unetreg exactly 0).
+        chunks = [predict_eps(m, x[i : i + args.train_batch], t[i : i + args.train_batch],
+                              None if text is None else text[i : i + args.train_batch], args.guidance_scale)
+                  for i in range(0, B, args.train_batch)]  # fmt: skip
+        eps, eps_text = (torch.cat(c) for c in zip(*chunks))
         r_t = reward_fn(decode(m, predict_x0(m.scheduler, eps_text, t, x), args.decode_chunk), prompts).float()
         x_prev, log_pf = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
         for k, v in zip(steps, (x, x_prev, t, log_pf, eps, r_t)):
@@ -513,7 +518,7 @@ def log_flows(m, batch, reward_exp):
     log F(s) = F_phi(x_t, t, c) + reward_exp * r(x0_pred(x_t)), with r stored at rollout (no gradient to theta)."""
     x_t, x_prev, t = batch["x_t"], batch["x_prev"], batch["t"]
     text = None if batch["text"] is None else batch["text"].float()
-    t_prev = t - m.scheduler.config.num_train_timesteps // m.scheduler.num_inference_steps
+    t_prev = (t - m.scheduler.config.num_train_timesteps // m.scheduler.num_inference_steps).clamp(min=0)
     log_flow = m.flow(x_t, t, text) + reward_exp * batch["r_t"]
     # NOTE: terminal boundary: at the last step log F(x_0) = reward_exp * r(x_0); F_phi is never a target at t = 0.
     last = t == int(m.scheduler.timesteps[-1])
@@ -626,13 +631,13 @@ def find_checkpoint(out, resume):
 
 def load_checkpoint(path, m, optimizer, generators, rank):
     """Restore LoRA, flow, optimizer and this rank's RNG streams. -> the number of completed epochs."""
-    state = torch.load(path / "training_state.pt", map_location=m.device, weights_only=False)
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     set_peft_model_state_dict(m.unet, state["lora"])
     m.flow.load_state_dict(state["flow"])
     optimizer.load_state_dict(state["optimizer"])
     if rank < len(state["rng"]):
         for name, g in generators.items():
-            g.set_state(state["rng"][rank][name].cpu())
+            g.set_state(state["rng"][rank][name])
     return state["epoch"]
 
 
@@ -681,6 +686,9 @@ def _train(args, out, prompts_all, rank, world, device):
         print0(f"resumed from {ckpt} at epoch {start}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if (out / "log.jsonl").exists():  # resuming: drop epochs logged after the checkpoint, they are rerun
+            lines = (out / "log.jsonl").read_text().splitlines()
+            (out / "log.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["epoch"] < start))
         (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
     per_rank = args.sample_batch * args.num_batches
     n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow.parameters())

@@ -330,7 +330,7 @@ def step_batch(traj, j):
 
 @pytest.mark.parametrize("which", ["ddpm", "sd"])
 def test_ratio_is_one_and_unetreg_zero_at_the_rollout_policy(which, request):  # oracles 8, 10
-    args, m = load(request.getfixturevalue(f"{which}_dir"))
+    args, m = load(request.getfixturevalue(f"{which}_dir"), "--train-batch", "4")
     traj = dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
     for j in range(args.steps):  # same batch composition as at rollout, parameters unchanged
         batch = step_batch(traj, j)
@@ -345,6 +345,19 @@ def test_ratio_is_one_and_unetreg_zero_at_the_rollout_policy(which, request):  #
     # the stored chain is consistent: each transition's child is the next transition's parent
     assert torch.equal(traj["x_prev"][:, :-1], traj["x_t"][:, 1:])
     assert torch.equal(traj["r_prev"][:, :-1], traj["r_t"][:, 1:]) and torch.equal(traj["r_prev"][:, -1], traj["reward"])
+
+
+@pytest.mark.parametrize("which", ["ddpm", "sd"])
+def test_ratio_is_one_on_the_shuffled_training_micro_batches(which, request):  # oracle 8, the real training path
+    args, m = load(request.getfixturevalue(f"{which}_dir"), "--sample-batch", "4", "--train-batch", "2")
+    traj = dag.shuffle_transitions(dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(17)), generator(18))
+    for i in range(0, 4, args.train_batch):  # the slicing of train_epoch: mixed timesteps in every micro-batch
+        for j in range(args.steps):
+            batch = {k: traj[k][i : i + 2, j] for k in dag.STEP_KEYS}
+            text = None if traj["text"] is None else traj["text"][i : i + 2]
+            eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], text, args.guidance_scale)
+            _, log_pf = dag.ddim_step_logprob(m.scheduler, eps, batch["t"], batch["x_t"], x_prev=batch["x_prev"])
+            assert torch.equal(log_pf, batch["log_pf_old"]) and torch.equal(eps, batch["eps_old"])
 
 
 @pytest.mark.parametrize("which", ["ddpm", "sd"])
@@ -461,7 +474,8 @@ def test_full_size_cifar_ddpm_architecture(tmp_path):
     (["--num-batches", "3", "--grad-accum", "4"], "not divisible by --grad-accum"),
     (["--algo", "kl", "--train-batch", "1"], "--train-batch >= 2"),
     (["--reward", "nope"], "unknown reward"),
-    (["--eta", "0"], "--eta must be > 0"),
+    (["--eta", "0"], "--eta must be in (0, 1]"),
+    (["--eta", "1.5"], "--eta must be in (0, 1]"),
     (["--prompts", "EMPTY"], "holds no prompt"),
     (["--prompts", "/does/not/exist.txt"], "neither a prompt set"),
 ])  # fmt: skip
@@ -550,7 +564,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(sd_dir, tmp_path):
     assert resumed.returncode == 0 and "resumed from" in output, output
     got = {}
     for record in map(json.loads, (tmp_path / "cut" / "log.jsonl").read_text().splitlines()):
-        got[record["epoch"]] = record  # an epoch logged twice (killed before its checkpoint) keeps the rerun
+        assert record["epoch"] not in got, "epochs after the checkpoint must be dropped from the log on resume"
+        got[record["epoch"]] = record
     start = int(output.split("at epoch ")[1].split()[0])
     assert start >= 1 and set(got) == set(expected)
     for epoch in range(start, 4):
