@@ -547,8 +547,6 @@ def train_epoch(m, traj, optimizer, reward_exp, args, rank):
     """On shuffled trajectories: for each micro-batch of trajectories, for each of the N permuted
     transitions, backward loss.mean() / (grad_accum * N); an optimizer step every grad_accum micro-batches."""
     B, N = traj["t"].shape
-    m.unet.train()
-    m.flow.train()
     trainable = m.lora_params + list(m.flow.parameters())
     stats, micro_batches = [], range(0, B, args.train_batch)
     for k, i in enumerate(tqdm(micro_batches, desc="train", disable=rank != 0, leave=False)):
@@ -564,8 +562,6 @@ def train_epoch(m, traj, optimizer, reward_exp, args, rank):
             torch.nn.utils.clip_grad_norm_(m.flow.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    m.unet.eval()
-    m.flow.eval()
     return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
 
 
@@ -697,6 +693,8 @@ def _train(args, out, prompts_all, rank, world, device):
            f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
            f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
            f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch")  # fmt: skip
+    # NOTE: eval mode throughout, training included: neither net has dropout or batch-norm to switch on, and train mode
+    # takes other kernels, so the training forward would no longer reproduce the rollout's eps bitwise.
     m.unet.eval()
     m.flow.eval()
     for epoch in range(start, args.epochs):
