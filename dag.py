@@ -49,6 +49,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="dtype of the frozen weights on CUDA (LoRA and flow stay fp32; always fp32 on CPU)")
     # Sampling
     p.add_argument("--steps", type=int, default=50, help="N, DDIM inference steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta; must be > 0 so that p_theta has a density")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta in (0, 1]; > 0 so that p_theta has a density")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance w (negative prompt '')")
     p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True, help="CFG in the training forward too (release: cfg); --no-cfg trains the text branch, off-policy w.r.t. the CFG rollout")
     p.add_argument("--sample-batch", type=int, default=16, help="trajectories per rollout batch, per process")
@@ -540,7 +541,15 @@ def transition_loss(m, batch, reward_exp, args):
         loss_flow, loss_policy = kl_loss(log_flow, log_pf, batch["log_pf_old"], log_pb, log_flow_prev, args.clip_range, args.adv_clip)
         loss = loss_flow + args.kl_coef * loss_policy
     loss = loss + args.unetreg * unetreg
-    return loss, {"loss": loss.mean().item(), "log_pf": log_pf.mean().item(), "log_flow": log_flow.mean().item(), "unetreg": unetreg.mean().item()}
+    stats = {"loss": loss, "log_pf": log_pf, "log_flow": log_flow, "unetreg": unetreg}
+    return loss, {k: v.detach().mean() for k, v in stats.items()}  # tensors: no GPU sync per transition
+
+
+def transition_batch(traj, rows, j):
+    """The j-th (permuted) transition of the trajectories `rows` (a slice): per-step keys (b, ...) + their text."""
+    batch = {key: traj[key][rows, j] for key in STEP_KEYS}
+    batch["text"] = None if traj["text"] is None else traj["text"][rows]
+    return batch
 
 
 def train_epoch(m, traj, optimizer, reward_exp, args, rank):
@@ -551,9 +560,7 @@ def train_epoch(m, traj, optimizer, reward_exp, args, rank):
     stats, micro_batches = [], range(0, B, args.train_batch)
     for k, i in enumerate(tqdm(micro_batches, desc="train", disable=rank != 0, leave=False)):
         for j in range(N):
-            batch = {key: v[i : i + args.train_batch, j] for key, v in traj.items() if key in STEP_KEYS}
-            batch["text"] = None if traj["text"] is None else traj["text"][i : i + args.train_batch]
-            loss, s = transition_loss(m, batch, reward_exp, args)
+            loss, s = transition_loss(m, transition_batch(traj, slice(i, i + args.train_batch), j), reward_exp, args)
             (loss.mean() / (args.grad_accum * N)).backward()
             stats.append(s)
         if (k + 1) % args.grad_accum == 0:
@@ -562,7 +569,8 @@ def train_epoch(m, traj, optimizer, reward_exp, args, rank):
             torch.nn.utils.clip_grad_norm_(m.flow.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+    local = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0, keepdim=True)  # (1, n_stats)
+    return dict(zip(stats[0], gather(local).mean(0).tolist()))  # means over this epoch and over all ranks
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -652,6 +660,9 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     try:
         _train(args, out, prompts_all, rank, world, device)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # the traceback would keep _train's models alive through teardown
+        raise
     finally:
         gc.collect()  # NOTE: freeing the models before teardown avoids an intermittent gloo abort at exit
         if dist.is_initialized():
@@ -665,11 +676,11 @@ def _train(args, out, prompts_all, rank, world, device):
     # CRUCIAL: a different seed per rank for prompts, noise and shuffling, or every GPU draws the same samples
     generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank),
                   "cpu": torch.Generator().manual_seed(args.seed + rank)}  # fmt: skip
-    m = load_models(args, device)
-    try:
+    try:  # before the diffusion model, so that a mistake in --reward fails in seconds
         reward_fn = rewards.load(args.reward, device)
     except (ImportError, OSError, ValueError) as e:
         die(f"cannot load reward {args.reward!r}: {e}")
+    m = load_models(args, device)
     optimizer = torch.optim.AdamW(
         [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow.parameters(), "lr": args.flow_lr}],
         betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8,
@@ -680,6 +691,8 @@ def _train(args, out, prompts_all, rank, world, device):
     if ckpt is not None:
         start = load_checkpoint(ckpt, m, optimizer, generators, rank)
         print0(f"resumed from {ckpt} at epoch {start}")
+    elif args.resume:
+        print0(f"no checkpoint in {out}: starting at epoch 0")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "log.jsonl").exists():  # resuming: drop epochs logged after the checkpoint, they are rerun

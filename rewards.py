@@ -119,7 +119,11 @@ def load(name, device="cpu"):
     """A reward fn from a registry name or from `module:function` (a factory taking `device=`)."""
     if ":" in name:
         module, _, attr = name.partition(":")
-        return getattr(importlib.import_module(module), attr)(device=device)
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import the factory {name!r} ({e})") from e
+        return factory(device=device)
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}: choose from {', '.join(REWARDS)} or give module:function")
     return REWARDS[name](device=device)

@@ -323,41 +323,28 @@ def jpeg_reward(images, prompts):
 
 
 def step_batch(traj, j):
-    batch = {k: traj[k][:, j] for k in dag.STEP_KEYS}
-    batch["text"] = traj["text"]
-    return batch
+    return dag.transition_batch(traj, slice(None), j)
 
 
 @pytest.mark.parametrize("which", ["ddpm", "sd"])
-def test_ratio_is_one_and_unetreg_zero_at_the_rollout_policy(which, request):  # oracles 8, 10
-    args, m = load(request.getfixturevalue(f"{which}_dir"), "--train-batch", "4")
+def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, request):  # oracles 8, 10
+    """Parameters unchanged since the rollout, micro-batches sliced from the shuffled store as train_epoch slices
+    them (mixed timesteps): the recomputed log-prob and eps equal the stored ones bitwise."""
+    args, m = load(request.getfixturevalue(f"{which}_dir"), "--sample-batch", "4", "--train-batch", "2")
     traj = dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
-    for j in range(args.steps):  # same batch composition as at rollout, parameters unchanged
-        batch = step_batch(traj, j)
-        eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], batch["text"], args.guidance_scale)
-        _, log_pf = dag.ddim_step_logprob(m.scheduler, eps, batch["t"], batch["x_t"], args.eta, x_prev=batch["x_prev"])
-        assert torch.equal(log_pf, batch["log_pf_old"]), "exp(log_pf - log_pf_old) must be exactly 1"
-        lora = m.lora_params[0]
-        reg = ((eps - batch["eps_old"]) ** 2).mean()
-        assert reg.item() == 0.0
-        (grad,) = torch.autograd.grad(reg, lora)
-        assert (grad == 0).all()
     # the stored chain is consistent: each transition's child is the next transition's parent
     assert torch.equal(traj["x_prev"][:, :-1], traj["x_t"][:, 1:])
     assert torch.equal(traj["r_prev"][:, :-1], traj["r_t"][:, 1:]) and torch.equal(traj["r_prev"][:, -1], traj["reward"])
-
-
-@pytest.mark.parametrize("which", ["ddpm", "sd"])
-def test_ratio_is_one_on_the_shuffled_training_micro_batches(which, request):  # oracle 8, the real training path
-    args, m = load(request.getfixturevalue(f"{which}_dir"), "--sample-batch", "4", "--train-batch", "2")
-    traj = dag.shuffle_transitions(dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(17)), generator(18))
-    for i in range(0, 4, args.train_batch):  # the slicing of train_epoch: mixed timesteps in every micro-batch
+    traj = dag.shuffle_transitions(traj, generator(18))
+    for i in range(0, 4, args.train_batch):
         for j in range(args.steps):
-            batch = {k: traj[k][i : i + 2, j] for k in dag.STEP_KEYS}
-            text = None if traj["text"] is None else traj["text"][i : i + 2]
-            eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], text, args.guidance_scale)
+            batch = dag.transition_batch(traj, slice(i, i + args.train_batch), j)
+            eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], batch["text"], args.guidance_scale)
             _, log_pf = dag.ddim_step_logprob(m.scheduler, eps, batch["t"], batch["x_t"], x_prev=batch["x_prev"])
-            assert torch.equal(log_pf, batch["log_pf_old"]) and torch.equal(eps, batch["eps_old"])
+            assert torch.equal(log_pf, batch["log_pf_old"]), "exp(log_pf - log_pf_old) must be exactly 1"
+            reg = ((eps - batch["eps_old"]) ** 2).mean()
+            (grad,) = torch.autograd.grad(reg, m.lora_params[-1])
+            assert reg.item() == 0.0 and (grad == 0).all()
 
 
 @pytest.mark.parametrize("which", ["ddpm", "sd"])
@@ -384,7 +371,7 @@ def test_gradient_routing_db_and_kl(which, request):  # oracle 9
     assert all(torch.equal(a, b) for a, b in zip(flow_grads["db"], flow_grads["kl"]))
     with torch.no_grad():
         eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], batch["text"], args.guidance_scale)
-    assert stats["unetreg"] == pytest.approx(((eps - batch["eps_old"]) ** 2).mean().item(), rel=1e-5)
+    assert stats["unetreg"].item() == pytest.approx(((eps - batch["eps_old"]) ** 2).mean().item(), rel=1e-5)
 
 
 def test_kl_policy_term_is_the_only_theta_gradient_besides_unetreg(ddpm_dir):
@@ -403,7 +390,7 @@ def test_kl_policy_term_is_the_only_theta_gradient_besides_unetreg(ddpm_dir):
 def test_flow_alone_halves_the_db_loss(ddpm_dir):  # oracle 15a
     args, m = load(ddpm_dir)
     traj = dag.rollout(m, jpeg_reward, [""] * 4, args, generator(12))
-    batches = [{**step_batch(traj, j), "text": None} for j in range(args.steps)]
+    batches = [step_batch(traj, j) for j in range(args.steps)]
     log_pb = [dag.backward_logprob(m.scheduler, b["t"], b["x_t"], b["x_prev"]) for b in batches]
     opt = torch.optim.AdamW(m.flow.parameters(), lr=3e-4)
     losses = []
@@ -429,7 +416,7 @@ def test_policy_step_favours_transitions_toward_higher_reward(algo, ddpm_dir):  
     torch.nn.init.zeros_(m.flow.head.weight)
     torch.nn.init.zeros_(m.flow.head.bias)
     m.flow.requires_grad_(False)
-    batches = [{**step_batch(traj, j), "text": None} for j in range(args.steps)]
+    batches = [step_batch(traj, j) for j in range(args.steps)]
     for b in batches:
         dag.transition_loss(m, b, 1e4, args)[0].mean().backward()
     with torch.no_grad():
@@ -474,6 +461,7 @@ def test_full_size_cifar_ddpm_architecture(tmp_path):
     (["--num-batches", "3", "--grad-accum", "4"], "not divisible by --grad-accum"),
     (["--algo", "kl", "--train-batch", "1"], "--train-batch >= 2"),
     (["--reward", "nope"], "unknown reward"),
+    (["--reward", "test_dag:nope"], "cannot import the factory"),
     (["--eta", "0"], "--eta must be in (0, 1]"),
     (["--eta", "1.5"], "--eta must be in (0, 1]"),
     (["--prompts", "EMPTY"], "holds no prompt"),
@@ -604,6 +592,9 @@ def test_reward_plugin_and_unknown_name():
     assert fn(torch.full((2, 3, 4, 4), 0.25), ["", ""]).tolist() == [0.25, 0.25]
     with pytest.raises(ValueError, match="unknown reward"):
         rewards.load("nope")
+    for typo in ("test_dag:nope", "no_such_module:fn"):
+        with pytest.raises(ValueError, match="cannot import the factory"):
+            rewards.load(typo)
 
 
 def brightness(device=None):
