@@ -68,11 +68,6 @@ from tqdm import tqdm
 
 import rewards
 
-SIMPLE_ANIMALS = """cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf
-lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose bee pig
-turkey fly llama camel bat gorilla hedgehog kangaroo""".split()  # DDPO's 45 simple animals, the aesthetic task
-PROMPT_SETS = {"simple_animals": SIMPLE_ANIMALS}
-
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
@@ -83,7 +78,7 @@ def parse_args(argv=None):
     # Model
     p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or local diffusers directory; a UNet2DModel pipeline (e.g. google/ddpm-cifar10-32) runs unconditionally in pixel space")
     p.add_argument("--reward", default="aesthetic", help=f"one of {', '.join(rewards.REWARDS)}, or module:function")
-    p.add_argument("--prompts", default=None, help="prompt set name (simple_animals) or a file with one prompt per line; default: simple_animals")
+    p.add_argument("--prompts", default=None, help=f"prompt set ({', '.join(rewards.PROMPT_SETS)}) or a file with one prompt per line; default: the reward's task set (rewards.TASK_PROMPTS)")
     p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank r (alpha = r) on to_q, to_k, to_v, to_out.0")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="dtype of the frozen weights on CUDA (LoRA and flow stay fp32; always fp32 on CPU)")
     # Sampling
@@ -120,7 +115,7 @@ def parse_args(argv=None):
 
 def die(message):
     """A user mistake: one line on stderr and exit status 2, never a traceback."""
-    print(f"dag.py: error: {message}", file=sys.stderr)
+    print(f"dag.py: error: {' '.join(str(message).split())}", file=sys.stderr)  # library messages can span lines
     raise SystemExit(2)
 
 
@@ -140,21 +135,23 @@ def check_args(args):
         die(f"{micro_batches} micro-batches per epoch (sample-batch*num-batches/train-batch) are not divisible by --grad-accum {args.grad_accum}")
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
+    if args.prompts and args.prompts not in rewards.PROMPT_SETS:  # a file: check it now, not after the model loads
+        try:
+            rewards.prompt_set(args.prompts)
+        except ValueError as e:
+            die(f"--prompts: {e}")
     args.flow_lr = args.lr if args.flow_lr is None else args.flow_lr
 
 
-def load_prompts(spec):
-    """A named prompt set or a text file with one prompt per line."""
-    spec = spec or "simple_animals"
-    if spec in PROMPT_SETS:
-        return PROMPT_SETS[spec]
+def load_prompts(args, conditional):
+    """(train, eval) prompts: --prompts, else the reward's task set; an unconditional model gets the empty prompt."""
+    if not conditional:
+        return [""], [""]
+    spec = args.prompts or rewards.TASK_PROMPTS.get(args.reward, "simple_animals")
     try:
-        prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"--prompts {spec!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a readable file ({e.__class__.__name__})")
-    if not prompts:
-        die(f"--prompts file {spec!r} holds no prompt")
-    return prompts
+        return rewards.prompt_set(spec)
+    except (OSError, ValueError) as e:
+        die(f"--prompts {spec}: {e}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -656,10 +653,9 @@ def main(argv=None):
     out = Path(args.out)
     if args.resume is None and (out / "log.jsonl").exists():
         die(f"{out} already holds a run: pass --resume auto to continue it, or choose another --out")
-    prompts_all = load_prompts(args.prompts)
     rank, world, device = setup_distributed()
     try:
-        _train(args, out, prompts_all, rank, world, device)
+        _train(args, out, rank, world, device)
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # the traceback would keep _train's models alive through teardown
         raise
@@ -669,7 +665,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def _train(args, out, prompts_all, rank, world, device):
+def _train(args, out, rank, world, device):
     print0 = print if rank == 0 else (lambda *a, **k: None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # weight init; rank 0's is broadcast below anyway
@@ -681,6 +677,7 @@ def _train(args, out, prompts_all, rank, world, device):
     except (ImportError, OSError, ValueError) as e:
         die(f"cannot load reward {args.reward!r}: {e}")
     m = load_models(args, device)
+    prompts_all, eval_prompts = load_prompts(args, m.conditional)
     optimizer = torch.optim.AdamW(
         [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow.parameters(), "lr": args.flow_lr}],
         betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8,

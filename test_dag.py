@@ -111,8 +111,8 @@ def sd_dir(tmp_path_factory):
 
 
 def cli(model, out, *extra):
-    """A tiny run's argv: few steps, small batches, fp32, jpeg reward."""
-    return ["--model", model, "--out", str(out), "--reward", "jpeg_compressibility", "--steps", "4", "--sample-batch",
+    """A tiny run's argv: few steps, small batches, fp32, jpeg reward on the inline animal prompts."""
+    return ["--model", model, "--out", str(out), "--reward", "jpeg_compressibility", "--prompts", "simple_animals", "--steps", "4", "--sample-batch",
             "4", "--num-batches", "1", "--train-batch", "2", "--grad-accum", "1", "--precision", "fp32", *extra]  # fmt: skip
 
 
@@ -628,7 +628,7 @@ def test_aesthetic_reward_device_preprocessing_matches_pil(tmp_path):
     ours = rewards.clip_preprocess(images.detach())
     assert (ours - pil).abs().mean() < 0.01
     clip = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "clip")
-    head = rewards.AestheticHead()
+    head = rewards.MLPHead()
     head.load_state_dict(torch.load(SHARED_ASSETS / rewards.AESTHETIC_HEAD_FILE, map_location="cpu", weights_only=True))
     with torch.no_grad():
         emb = clip(pixel_values=pil).image_embeds
