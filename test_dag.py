@@ -7,6 +7,7 @@ Diffusion pipeline assembled from configs. Run: `HF_HUB_OFFLINE=1 python -m pyte
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -634,3 +635,260 @@ def test_aesthetic_reward_device_preprocessing_matches_pil(tmp_path):
         emb = clip(pixel_values=pil).image_embeds
         reference = head(emb / emb.norm(dim=-1, keepdim=True))
     torch.testing.assert_close(scores.detach(), reference, atol=0.02, rtol=0)
+
+
+def toy_clip_tokenizer(path):
+    """A CLIP BPE tokenizer over single letters; <|endoftext|> gets the largest id, as in CLIP (open_clip pools there
+    with argmax(ids))."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "!": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def randn_state(shapes, seed):
+    """Random tensors of the given shapes; LayerNorm weights around 1."""
+    g, state = generator(seed), {}
+    for key, shape in shapes.items():
+        state[key] = torch.randn(shape, generator=g) * (0.02 if len(shape) > 1 else 0.1)
+        if re.search(r"(norm\d?|ln_\w+)\.weight$", key):
+            state[key] += 1.0
+    return state
+
+
+def ref_attention(x, w_qkv, b_qkv, w_out, b_out, heads, causal=False):
+    """Multi-head self-attention from a packed (3D, D) projection, as timm's ViT and open_clip store it."""
+    B, T, D = x.shape
+    q, k, v = (x @ w_qkv.T + b_qkv).view(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D // heads)
+    if causal:
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D) @ w_out.T + b_out
+
+
+def ref_vit(s, pixels, layers, heads, eps, names):
+    """A pre-norm ViT written from an original checkpoint's keys (BLIP's timm ViT or open_clip's VisionTransformer);
+    `names` maps each part to its key. Returns the final LayerNorm of every token."""
+    F = torch.nn.functional
+    ln = lambda x, key: F.layer_norm(x, x.shape[-1:], s[f"{key}.weight"], s[f"{key}.bias"], eps)  # noqa: E731
+    linear = lambda x, key: x @ s[f"{key}.weight"].T + s[f"{key}.bias"]  # noqa: E731
+    conv = s[names["conv"] + ".weight"]
+    x = F.conv2d(pixels, conv, s.get(names["conv"] + ".bias"), stride=conv.shape[-1]).flatten(2).transpose(1, 2)
+    cls = s[names["cls"]].reshape(1, 1, -1).expand(len(x), 1, -1)
+    x = torch.cat([cls, x], 1) + s[names["pos"]].reshape(1, x.shape[1] + 1, -1)
+    if "pre" in names:
+        x = ln(x, names["pre"])
+    for i in range(layers):
+        b = f"{names['blocks']}.{i}."
+        qkv = (s[b + names["qkv"] + "weight"], s[b + names["qkv"] + "bias"])
+        x = x + ref_attention(ln(x, b + names["n1"]), *qkv, s[b + names["out"] + ".weight"], s[b + names["out"] + ".bias"], heads)
+        x = x + linear(F.gelu(linear(ln(x, b + names["n2"]), b + names["fc1"])), b + names["fc2"])
+    return ln(x, names["post"])
+
+
+def test_imagereward_checkpoint_layout_loads_into_transformers_blip(tmp_path):
+    """A random ImageReward.pt in the published key layout (BLIP's timm ViT + med.py BERT + MLP) loads strictly into
+    transformers' BLIP classes, and the score equals a reference written from the original keys: a timm ViT, the
+    [CLS] state of the BERT that cross-attends to its tokens, the MLP, then (r - mean) / std."""
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig
+
+    D, T, layers, heads = 32, 24, 2, 4
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    BertTokenizer(str(tmp_path / "tok" / "vocab.txt")).save_pretrained(tmp_path / "tok")
+    vision = BlipVisionConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=heads,
+                              image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu")  # fmt: skip
+    text = BlipTextConfig(vocab_size=len(tokens), hidden_size=T, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=40, encoder_hidden_size=D)  # fmt: skip
+    v = "blip.visual_encoder."
+    shapes = {v + "cls_token": (1, 1, D), v + "pos_embed": (1, 17, D), v + "patch_embed.proj.weight": (D, 3, 8, 8),
+              v + "patch_embed.proj.bias": (D,), v + "norm.weight": (D,), v + "norm.bias": (D,)}  # fmt: skip
+    for i in range(layers):
+        b = f"{v}blocks.{i}."
+        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+                       b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+                       b + "mlp.fc1.weight": (64, D), b + "mlp.fc1.bias": (64,), b + "mlp.fc2.weight": (D, 64), b + "mlp.fc2.bias": (D,)})  # fmt: skip
+    for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((T, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        shapes.update({f"mlp.layers.{i}.weight": (n_out, n_in), f"mlp.layers.{i}.bias": (n_out,)})
+    state = randn_state(shapes, 20)
+    torch.manual_seed(21)
+    bert = BlipTextModel(text, add_pooling_layer=False).eval()  # med.py and transformers share these key names
+    state.update({f"blip.text_encoder.{k}": val for k, val in bert.state_dict().items()})
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]  # persistent in med.py: dropped
+    state["blip.text_decoder.cls.predictions.bias"] = torch.zeros(3)  # not used for scoring: dropped
+    torch.save(state, tmp_path / "ImageReward.pt")
+
+    fn = rewards.imagereward("cpu", checkpoint=str(tmp_path / "ImageReward.pt"), tokenizer=str(tmp_path / "tok"), configs=(vision, text))
+    images = torch.rand(3, 3, 32, 32, generator=generator(22), requires_grad=True)
+    prompts = ["a cat", "dog", "a very long prompt that the thirty five token limit cuts off here and there and everywhere"]
+    scores = fn(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and scores.device == images.device
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0  # differentiable
+
+    names = dict(conv=v + "patch_embed.proj", cls=v + "cls_token", pos=v + "pos_embed", blocks=v + "blocks", qkv="attn.qkv.",
+                 out="attn.proj", n1="norm1", n2="norm2", fc1="mlp.fc1", fc2="mlp.fc2", post=v + "norm")  # fmt: skip
+    with torch.no_grad():
+        image_tokens = ref_vit(state, rewards.clip_preprocess(images, 32), layers, heads, 1e-6, names)
+        ids = BertTokenizer.from_pretrained(tmp_path / "tok")(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        cls = bert(**ids, encoder_hidden_states=image_tokens, encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        for i in (0, 2, 4, 6, 7):
+            cls = cls @ state[f"mlp.layers.{i}.weight"].T + state[f"mlp.layers.{i}.bias"]
+        reference = (cls.squeeze(-1) - rewards.IMAGEREWARD_MEAN) / rewards.IMAGEREWARD_STD
+    torch.testing.assert_close(scores.detach(), reference, atol=1e-5, rtol=1e-5)
+
+
+def open_clip_state(D, W, P, heads, layers, vocab, seed):
+    """A random state dict in open_clip's CLIP layout: text width W, vision width D, projection P, 16-px images."""
+    shapes = {"token_embedding.weight": (vocab, W), "positional_embedding": (77, W), "ln_final.weight": (W,), "ln_final.bias": (W,),
+              "text_projection": (W, P), "visual.class_embedding": (D,), "visual.positional_embedding": (5, D),
+              "visual.conv1.weight": (D, 3, 8, 8), "visual.ln_pre.weight": (D,), "visual.ln_pre.bias": (D,),
+              "visual.ln_post.weight": (D,), "visual.ln_post.bias": (D,), "visual.proj": (D, P)}  # fmt: skip
+    for prefix, width in (("transformer.", W), ("visual.transformer.", D)):
+        for i in range(layers):
+            b = f"{prefix}resblocks.{i}."
+            shapes.update({b + "ln_1.weight": (width,), b + "ln_1.bias": (width,), b + "attn.in_proj_weight": (3 * width, width),
+                           b + "attn.in_proj_bias": (3 * width,), b + "attn.out_proj.weight": (width, width), b + "attn.out_proj.bias": (width,),
+                           b + "ln_2.weight": (width,), b + "ln_2.bias": (width,), b + "mlp.c_fc.weight": (4 * width, width),
+                           b + "mlp.c_fc.bias": (4 * width,), b + "mlp.c_proj.weight": (width, 4 * width), b + "mlp.c_proj.bias": (width,)})  # fmt: skip
+    return {**randn_state(shapes, seed), "logit_scale": torch.tensor(math.log(100.0))}
+
+
+def test_hpsv2_open_clip_checkpoint_matches_a_reference_forward(tmp_path):
+    """A random HPSv2-style checkpoint ({'state_dict': open_clip layout, fp16}) loads strictly into transformers'
+    CLIPModel, and the score equals open_clip's forward written from the original keys: packed qkv, causal text
+    attention pooled at argmax(ids), x @ proj projections, then the cosine similarity."""
+    from transformers import CLIPConfig
+
+    D, W, P, heads, layers = 32, 24, 16, 4, 2
+    tokenizer = toy_clip_tokenizer(tmp_path / "tok")
+    state = open_clip_state(D, W, P, heads, layers, len(tokenizer), 23)
+    torch.save({"epoch": 1, "state_dict": {k: v.half() for k, v in state.items()}}, tmp_path / "HPS.pt")
+    eos = len(tokenizer) - 1
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=W, intermediate_size=4 * W, num_hidden_layers=layers,
+                                         num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu",
+                                         bos_token_id=0, eos_token_id=eos, pad_token_id=eos),
+                        vision_config=dict(hidden_size=D, intermediate_size=4 * D, num_hidden_layers=layers, num_attention_heads=heads,
+                                           image_size=16, patch_size=8, hidden_act="gelu"), projection_dim=P)  # fmt: skip
+    fn = rewards.hpsv2("cpu", checkpoint=str(tmp_path / "HPS.pt"), tokenizer=str(tmp_path / "tok"), config=config)
+    images = torch.rand(3, 3, 24, 16, generator=generator(24), requires_grad=True)
+    prompts = ["a cat", "dog", "zebra on a hill"]
+    scores = fn(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and (scores.abs() <= 1).all()
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0  # differentiable
+
+    s = {k: v.half().float() for k, v in state.items()}
+    names = dict(conv="visual.conv1", cls="visual.class_embedding", pos="visual.positional_embedding", pre="visual.ln_pre",
+                 blocks="visual.transformer.resblocks", qkv="attn.in_proj_", out="attn.out_proj", n1="ln_1", n2="ln_2",
+                 fc1="mlp.c_fc", fc2="mlp.c_proj", post="visual.ln_post")  # fmt: skip
+    F = torch.nn.functional
+    with torch.no_grad():
+        image = ref_vit(s, rewards.clip_preprocess(images, 16), layers, heads, 1e-5, names)[:, 0] @ s["visual.proj"]
+        ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        x = s["token_embedding.weight"][ids] + s["positional_embedding"]
+        ln = lambda x, k: F.layer_norm(x, (W,), s[k + ".weight"], s[k + ".bias"], 1e-5)  # noqa: E731
+        for i in range(layers):
+            b = f"transformer.resblocks.{i}."
+            x = x + ref_attention(ln(x, b + "ln_1"), s[b + "attn.in_proj_weight"], s[b + "attn.in_proj_bias"],
+                                  s[b + "attn.out_proj.weight"], s[b + "attn.out_proj.bias"], heads, causal=True)  # fmt: skip
+            h = F.gelu(ln(x, b + "ln_2") @ s[b + "mlp.c_fc.weight"].T + s[b + "mlp.c_fc.bias"])
+            x = x + h @ s[b + "mlp.c_proj.weight"].T + s[b + "mlp.c_proj.bias"]
+        text = ln(x, "ln_final")[torch.arange(3), ids.argmax(-1)] @ s["text_projection"]
+        reference = F.cosine_similarity(image, text, dim=-1)
+    torch.testing.assert_close(scores.detach(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_pickscore_equals_the_clip_logits(tmp_path):
+    """PickScore through our tensor path equals CLIPModel's own logits_per_image diagonal (logit_scale.exp() * cos)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = toy_clip_tokenizer(tmp_path / "clip")
+    eos = len(tokenizer) - 1
+    torch.manual_seed(25)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, eos_token_id=eos, pad_token_id=eos),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           image_size=16, patch_size=8), projection_dim=16)  # fmt: skip
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    fn = rewards.pickscore("cpu", model=str(tmp_path / "clip"), tokenizer=str(tmp_path / "clip"))
+    images, prompts = torch.rand(2, 3, 16, 16, generator=generator(26)), ["a fox", "bee"]
+    scores = fn(images, prompts)
+    assert scores.shape == (2,) and scores.dtype == torch.float32
+    model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=rewards.clip_preprocess(images, 16)).logits_per_image
+    torch.testing.assert_close(scores, logits.diagonal(), atol=1e-4, rtol=1e-5)
+
+
+def test_missing_package_and_missing_weights_are_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    for name in ("aesthetic", "imagereward", "hpsv2", "pickscore"):
+        with pytest.raises(ImportError, match=r"pip install transformers"):
+            rewards.load(name)
+    monkeypatch.delitem(sys.modules, "transformers")
+    for name, env in (("imagereward", "DAG_IMAGEREWARD"), ("hpsv2", "DAG_HPSV2"), ("aesthetic", "DAG_AESTHETIC_HEAD")):
+        monkeypatch.delenv(env, raising=False)
+        with pytest.raises(OSError, match=f"download it once online or set {env}"):
+            rewards.load(name)  # HF_HUB_OFFLINE=1: nothing cached
+
+
+def test_prompt_sets_and_their_eval_splits(monkeypatch, tmp_path):
+    import csv
+
+    import huggingface_hub
+
+    hpd = {style: [f"{style} {i}" for i in range(12)] for style in rewards.HPD_STYLES}
+    for style, prompts in hpd.items():
+        (tmp_path / f"{style}.json").write_text(json.dumps(prompts))
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {str(i): f"class {i}" for i in range(1000)}}))
+
+    def fake_download(repo, filename, repo_type=None):
+        assert (repo, repo_type) in (("zhwang/HPDv2", "dataset"), ("google/vit-base-patch16-224", None))
+        return str(tmp_path / Path(filename).name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("DAG_CACHE", str(tmp_path / "cache"))
+    train, held = rewards.prompt_set("hpd_photo_painting")
+    assert held == hpd["photo"][:10] + hpd["paintings"][:10] and train == hpd["photo"][10:] + hpd["paintings"][10:]
+    assert len(rewards.prompt_set("hpd")[0]) == 4 * 2
+    train, held = rewards.prompt_set("imagenet_all")
+    assert len(train) == 1000 and train[999] == "class 999" and held == train[::125]
+    train, held = rewards.prompt_set("simple_animals")
+    assert len(train) == 45 and set(held) <= set(train)
+
+    with pytest.raises(OSError, match="DrawBench is not cached"):
+        rewards.prompt_set("drawbench")
+    rows = [("Colors", f"color {i}") for i in range(4)] + [("Misspellings", "a tcar"), ("Rare Words", "artophagous")]
+    rows += [("Gary Marcus et al. ", f"marcus {i}") for i in range(3)]  # the sheet's trailing space
+    (tmp_path / "cache").mkdir()
+    with open(tmp_path / "cache" / "drawbench.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("Prompts", "Category")] + [(p, c) for c, p in rows])
+    train, held = rewards.prompt_set("drawbench")
+    assert held == ["color 0", "color 1", "marcus 0", "marcus 1"] and train == ["color 2", "color 3", "marcus 2"]
+
+    assert set(rewards.TASK_PROMPTS) == set(rewards.REWARDS) and set(rewards.TASK_PROMPTS.values()) <= set(rewards.PROMPT_SETS)
+    (tmp_path / "mine.txt").write_text("a red fox\n\n  an owl  \n")
+    assert rewards.prompt_set(str(tmp_path / "mine.txt")) == (["a red fox", "an owl"], ["a red fox", "an owl"])
+    with pytest.raises(ValueError, match="neither a prompt set"):
+        rewards.prompt_set("no_such_set")
+
+
+def test_a_set_that_cannot_be_fetched_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAG_CACHE", str(tmp_path))
+    args = dag.parse_args(["--reward", "imagereward"])  # -> DrawBench: not cached, and offline
+    with pytest.raises(SystemExit) as exit_info:
+        dag.load_prompts(args, conditional=True)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "DrawBench is not cached" in err and len(err.splitlines()) == 1
+    assert dag.load_prompts(args, conditional=False) == ([""], [""])
