@@ -197,7 +197,7 @@ def imagereward_configs():
 
 
 def imagereward(device="cpu", checkpoint=None, tokenizer="bert-base-uncased", configs=None, max_length=35):
-    """ImageReward v1.0 score of (prompt, image), standardised so that about 0 is an average SD image.
+    """ImageReward v1.0 score of (prompt, image), standardised by the published mean and std.
 
     checkpoint: `ImageReward.pt` (default `$DAG_IMAGEREWARD`, else THUDM/ImageReward on the hub). Prompts are cut at
     35 tokens, as ImageReward was trained and scores (the DAG release let them run to 512)."""
@@ -290,7 +290,7 @@ def clip_similarity(model, tokenizer, scale):
 
 
 def hpsv2(device="cpu", checkpoint=None, tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", config=None):
-    """HPS v2.0 score: cosine similarity of the HPSv2 image and prompt embeddings (about 0.2-0.35).
+    """HPS v2.0 score: cosine similarity of the HPSv2 image and prompt embeddings.
 
     checkpoint: `HPS_v2_compressed.pt` (default `$DAG_HPSV2`, else xswu/HPSv2 on the hub); pass
     `HPS_v2.1_compressed.pt` for v2.1. The tokenizer is OpenCLIP's, i.e. CLIP's BPE with 77 tokens."""
@@ -308,7 +308,7 @@ def hpsv2(device="cpu", checkpoint=None, tokenizer="laion/CLIP-ViT-H-14-laion2B-
 
 
 def pickscore(device="cpu", model="yuvalkirstain/PickScore_v1", tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
-    """PickScore: exp(logit_scale) * cos(image, prompt) of the PickScore_v1 CLIP (about 18-24). Not in the paper."""
+    """PickScore: exp(logit_scale) * cos(image, prompt) of the PickScore_v1 CLIP. Not in the paper."""
     transformers = need("transformers", "transformers")
     clip = frozen(transformers.CLIPModel.from_pretrained(model), device)
     return clip_similarity(clip, transformers.CLIPTokenizer.from_pretrained(tokenizer), scale=clip.logit_scale.exp().item())
