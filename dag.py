@@ -41,11 +41,13 @@ L = 77 text tokens, E = 768 text width.
 """
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -56,6 +58,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block
@@ -89,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-batch", type=int, default=16, help="trajectories per rollout batch, per process")
     p.add_argument("--num-batches", type=int, default=4, help="rollout batches per epoch, per process")
     p.add_argument("--decode-chunk", type=int, default=16, help="images per VAE decode call (bounds memory)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations in the backward (less memory, more time)")
     # DAG objective
     p.add_argument("--algo", choices=["db", "kl"], default="db", help="DAG-DB (detailed balance) or DAG-KL")
     p.add_argument("--reward-exp", type=float, default=100.0, help="reward temperature: log R = reward_exp * r (release: reward_exp)")
@@ -109,6 +113,9 @@ def parse_args(argv=None):
     # IO
     p.add_argument("--out", default="runs/dag", help="run directory: args.json, log.jsonl, grids, checkpoints")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every k epochs (and at the end)")
+    p.add_argument("--eval-every", type=int, default=10, help="evaluate before epoch 0, every k epochs and at the end; 0: never")
+    p.add_argument("--eval-prompts", default=None, help="prompt set or file for evaluation (default: the eval split of --prompts' set)")
+    p.add_argument("--eval-samples", type=int, default=4, help="k samples per eval prompt, from k fixed noise seeds (>= 2, for diversity)")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
     return p.parse_args(argv)
 
@@ -125,7 +132,7 @@ def check_args(args):
         die(f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function")
     if not 0 < args.eta <= 1:
         die("--eta must be in (0, 1]: eta = 0 is deterministic (no log-probability), eta > 1 has no DDIM mean")
-    for name in ("steps", "epochs", "sample_batch", "num_batches", "train_batch", "grad_accum", "save_every"):
+    for name in ("steps", "epochs", "sample_batch", "num_batches", "train_batch", "grad_accum", "save_every", "decode_chunk"):
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1")
     if args.sample_batch % args.train_batch:
@@ -133,25 +140,30 @@ def check_args(args):
     micro_batches = args.sample_batch * args.num_batches // args.train_batch
     if micro_batches % args.grad_accum:
         die(f"{micro_batches} micro-batches per epoch (sample-batch*num-batches/train-batch) are not divisible by --grad-accum {args.grad_accum}")
+    if args.eval_every < 0 or args.eval_samples < 2:
+        die("--eval-every must be >= 0 and --eval-samples >= 2 (diversity compares samples of the same prompt)")
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
-    if args.prompts and args.prompts not in rewards.PROMPT_SETS:  # a file: check it now, not after the model loads
-        try:
-            rewards.prompt_set(args.prompts)
-        except ValueError as e:
-            die(f"--prompts: {e}")
+    for flag, spec in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
+        if spec and spec not in rewards.PROMPT_SETS:  # a file: check it now, not after the model loads
+            try:
+                rewards.prompt_set(spec)
+            except ValueError as e:
+                die(f"{flag}: {e}")
     args.flow_lr = args.lr if args.flow_lr is None else args.flow_lr
 
 
 def load_prompts(args, conditional):
-    """(train, eval) prompts: --prompts, else the reward's task set; an unconditional model gets the empty prompt."""
+    """(train, eval) prompts: --prompts, else the reward's task set, and the eval split of that set or --eval-prompts.
+    An unconditional model gets the empty prompt."""
     if not conditional:
         return [""], [""]
     spec = args.prompts or rewards.TASK_PROMPTS.get(args.reward, "simple_animals")
     try:
-        return rewards.prompt_set(spec)
+        train, held = rewards.prompt_set(spec)
+        return train, rewards.prompt_set(args.eval_prompts)[1] if args.eval_prompts else held
     except (OSError, ValueError) as e:
-        die(f"--prompts {spec}: {e}")
+        die(f"prompts: {e}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,8 +258,9 @@ def predict_x0(scheduler, eps, t, x_t):
     return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
 
 
-def ddim_step_logprob(scheduler, eps, t, x_t, eta=1.0, x_prev=None, generator=None):
-    """One DDIM step p_theta(x_prev | x_t) = N(mu, s_t^2 I); samples x_prev when None. -> (x_prev, log_pf (B,)).
+def ddim_step_logprob(scheduler, eps, t, x_t, eta=1.0, x_prev=None, generator=None, noise=None):
+    """One DDIM step p_theta(x_prev | x_t) = N(mu, s_t^2 I); samples x_prev = mu + s_t * noise when x_prev is None
+    (noise drawn from `generator` unless given). -> (x_prev, log_pf (B,)).
 
         x0   = predict_x0(eps), clamped iff scheduler.config.clip_sample
         s_t  = eta * sqrt((1 - a') / (1 - a_t) * (1 - a_t / a'))
@@ -262,7 +275,8 @@ def ddim_step_logprob(scheduler, eps, t, x_t, eta=1.0, x_prev=None, generator=No
         raise ValueError("DDIM step with zero std (t_prev == t): build the scheduler with steps_offset=1")
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
     if x_prev is None:
-        x_prev = mean + std * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype) if noise is None else noise
+        x_prev = mean + std * noise
     return x_prev, _gaussian_logprob(x_prev, mean, std)
 
 
@@ -377,6 +391,8 @@ def load_models(args, device):
         unet.add_adapter(lora)  # UNet2DConditionModel: diffusers' own LoRA format on save
     else:
         inject_adapter_in_model(lora, unet)  # UNet2DModel has no add_adapter
+    if args.grad_checkpointing:
+        unet.enable_gradient_checkpointing()  # active whenever grad is enabled, i.e. in the training forward only
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()  # trainable weights in fp32, frozen ones in `dtype`
@@ -391,7 +407,35 @@ def load_models(args, device):
     m.latent_shape = (channels, unet.config.sample_size, unet.config.sample_size)
     cross = m.text_encoder.config.hidden_size if conditional else None
     m.flow = FlowNet(channels, cross).to(device)  # fp32
+    m.counts = collections.Counter()
+    for kind, module in (("unet", m.unet), ("vae_decode", m.vae.decoder if m.vae is not None else None), ("flow", m.flow)):
+        if module is not None:
+            count_evaluations(module, kind, m.counts)
     return m
+
+
+def count_evaluations(module, kind, counts):
+    """Tally every forward of `module` as counts[kind_fwd] += batch rows, and its backward (when autograd runs it)
+    as counts[kind_bwd]: the cost accounting in log.jsonl is counted, not assumed."""
+
+    def hook(module, inputs, out):
+        out = out if torch.is_tensor(out) else out[0]  # diffusers returns an output dataclass
+        counts[f"{kind}_fwd"] += len(out)
+        if out.requires_grad:
+            out.register_hook(lambda grad: counts.update({f"{kind}_bwd": len(grad)}))
+
+    module.register_forward_hook(hook)
+
+
+def counted(reward_fn, counts):
+    """The reward fn, tallying images scored in counts["reward_fwd"]; keeps its `embed` (for diversity) if any."""
+
+    def fn(images, prompts):
+        counts["reward_fwd"] += len(images)
+        return reward_fn(images, prompts)
+
+    fn.embed = getattr(reward_fn, "embed", None)
+    return fn
 
 
 @torch.no_grad()
@@ -571,6 +615,123 @@ def train_epoch(m, traj, optimizer, reward_exp, args, rank):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Evaluation (fixed noise, reward, diversity) and cost accounting
+# --------------------------------------------------------------------------------------------------------------------
+
+# GFLOP per sample at SD-1.5 shapes (LANDSCAPE.md, counted with torch.utils.flop_counter); the reward is CLIP-L.
+SD15_GFLOP = {"unet_fwd": 803, "unet_bwd": 910, "vae_decode_fwd": 2515, "reward_fwd": 162, "flow_fwd": 9, "flow_bwd": 18}
+
+
+def cost_record(counts, trajectories):
+    """Network evaluations per trajectory by kind, and their FLOP total at SD-1.5 per-evaluation costs."""
+    per_traj = {f"evals_{k}": v / trajectories for k, v in sorted(counts.items())}
+    tflop = sum(SD15_GFLOP.get(k, 0) * v for k, v in counts.items()) / trajectories / 1000
+    return {**per_traj, "sd15_tflop_per_traj": tflop}
+
+
+def peak_memory_gb(device):
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@torch.no_grad()
+def sample_images(m, prompts, noise, args):
+    """Images of the current policy from given noise (B, N + 1, C, H, W): noise[:, 0] is x_T and noise[:, j + 1] the
+    variance noise of step j. No per-state reward and nothing stored: this is the sampler alone."""
+    text = encode_prompts(m, prompts) if m.conditional else None
+    x = noise[:, 0]
+    for j, t_scalar in enumerate(m.scheduler.timesteps):
+        t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
+        eps, _ = predict_eps(m, x, t, text, args.guidance_scale)
+        x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, noise=noise[:, j + 1])
+    return decode(m, x, args.decode_chunk)
+
+
+def eval_noise(m, k, steps):
+    """Noise of eval seed s = 0..k-1, (k, N + 1, C, H, W): the same at every evaluation and in every run, so images of
+    one (prompt, seed) are comparable across epochs, algorithms and --seed."""
+    return torch.stack([torch.randn((steps + 1, *m.latent_shape), generator=torch.Generator().manual_seed(s)) for s in range(k)])
+
+
+def image_features(reward_fn, images):
+    """Features for the diversity metric: the reward model's unit-norm image embedding (`reward_fn.embed`) when it
+    has one; otherwise the image area-downsampled to 32x32 and flattened, over sqrt(dim) (an RMS pixel distance)."""
+    if getattr(reward_fn, "embed", None) is not None:
+        f = reward_fn.embed(images).float()
+        return f / f.norm(dim=-1, keepdim=True)
+    small = F.interpolate(images.float(), size=(32, 32), mode="area").flatten(1)
+    return small / math.sqrt(small.shape[1])
+
+
+def diversity(features, k):
+    """Mean pairwise L2 distance between the k samples of each prompt (rows grouped by prompt), averaged over prompts:
+    0 when every prompt's samples are identical, larger as they spread; a fall during training is mode collapse."""
+    f = features.reshape(-1, k, features.shape[-1])
+    d = torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros for identical rows
+    return (d.sum(dim=(1, 2)) / (k * (k - 1))).mean().item()
+
+
+def evaluate(m, reward_fn, prompts, args, rank, world):
+    """Sample every (eval prompt, seed) pair with fixed noise, split over ranks; score, embed, gather.
+
+    -> (record, grid material) on rank 0, (None, None) elsewhere."""
+    k = args.eval_samples
+    m.counts.clear()
+    pairs = [(p, s) for p in range(len(prompts)) for s in range(k)]
+    per_rank = math.ceil(len(pairs) / world)
+    mine = (pairs[rank * per_rank :] + pairs)[:per_rank]  # the last rank pads with repeats: equal shapes to gather
+    noise = eval_noise(m, k, args.steps)
+    scores, features, images = [], [], []
+    for i in range(0, per_rank, args.sample_batch):
+        chunk = mine[i : i + args.sample_batch]
+        texts = [prompts[p] for p, _ in chunk]
+        x0 = sample_images(m, texts, noise[[s for _, s in chunk]].to(m.device), args)
+        with torch.no_grad():
+            scores.append(reward_fn(x0, texts).float())
+            features.append(image_features(reward_fn, x0))
+        images.append((x0 * 255).round().to(torch.uint8))
+    scores, features, images = (gather(torch.cat(v))[: len(pairs)] for v in (scores, features, images))
+    if rank != 0:
+        return None, None
+    per_prompt = scores.view(len(prompts), k).mean(1)
+    record = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item(),
+              "diversity": diversity(features, k), "diversity_space": "reward embedding" if getattr(reward_fn, "embed", None) else "pixels 32x32",
+              "eval_reward_per_prompt": [round(v, 5) for v in per_prompt.tolist()], **cost_record(m.counts, per_rank)}  # fmt: skip
+    return record, (images.float().cpu() / 255, [f"seed {s}: {prompts[p]}" for p, s in pairs], scores.tolist())
+
+
+def plot_curves(path, log, evals):
+    """curves.png: training reward, eval reward and eval diversity against epoch (PIL only, no plotting library)."""
+    panels = [("train reward (mean)", [(r["epoch"], r["reward_mean"]) for r in log]),
+              ("eval reward (mean, fixed noise)", [(r["epoch"], r["eval_reward_mean"]) for r in evals]),
+              ("eval diversity", [(r["epoch"], r["diversity"]) for r in evals])]  # fmt: skip
+    W, H, pad = 380, 260, 46
+    image = Image.new("RGB", (W * len(panels), H), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (title, points) in enumerate(panels):
+        left, right, top, bottom = i * W + pad, (i + 1) * W - 12, 24, H - 30
+        draw.text((left, 6), title, fill="black")
+        draw.rectangle((left, top, right, bottom), outline="gray")
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        x_lo, x_hi, y_lo, y_hi = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
+        y_lo, y_hi = (y_lo - 0.5, y_hi + 0.5) if y_hi == y_lo else (y_lo, y_hi)
+        xy = [(left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)) for x, y in points]
+        if len(xy) > 1:
+            draw.line(xy, fill="steelblue", width=2)
+        for x, y in xy:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill="steelblue")
+        draw.text((i * W + 2, top), f"{y_hi:.4g}", fill="black")
+        draw.text((i * W + 2, bottom - 10), f"{y_lo:.4g}", fill="black")
+        draw.text((left, bottom + 4), f"epoch {x_lo}", fill="black")
+        draw.text((right - 60, bottom + 4), f"epoch {x_hi}", fill="black")
+    image.save(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Outputs: image grid, checkpoint, resume
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -677,6 +838,7 @@ def _train(args, out, rank, world, device):
     except (ImportError, OSError, ValueError) as e:
         die(f"cannot load reward {args.reward!r}: {e}")
     m = load_models(args, device)
+    reward_fn = counted(reward_fn, m.counts)
     prompts_all, eval_prompts = load_prompts(args, m.conditional)
     optimizer = torch.optim.AdamW(
         [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow.parameters(), "lr": args.flow_lr}],
@@ -692,9 +854,9 @@ def _train(args, out, rank, world, device):
         print0(f"no checkpoint in {out}: starting at epoch 0")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if (out / "log.jsonl").exists():  # resuming: drop epochs logged after the checkpoint, they are rerun
-            lines = (out / "log.jsonl").read_text().splitlines()
-            (out / "log.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["epoch"] < start))
+        for name in ("log.jsonl", "eval.jsonl"):  # resuming: drop records from the checkpoint's epoch on, they are rerun
+            if (out / name).exists():
+                (out / name).write_text("".join(f"{json.dumps(r)}\n" for r in read_jsonl(out / name) if r["epoch"] < start))
         (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
     per_rank = args.sample_batch * args.num_batches
     n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow.parameters())
@@ -707,25 +869,58 @@ def _train(args, out, rank, world, device):
     # takes other kernels, so the training forward would no longer reproduce the rollout's eps bitwise.
     m.unet.eval()
     m.flow.eval()
+    eval_due = lambda e: args.eval_every and (e % args.eval_every == 0 or e == args.epochs)  # noqa: E731
     for epoch in range(start, args.epochs):
+        if eval_due(epoch):
+            log_evaluation(m, reward_fn, eval_prompts, args, out, epoch, rank, world)
         beta = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
+        m.counts.clear()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
         traj, grid = sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch)
         t1 = time.time()
         all_rewards = gather(traj["reward"])
         traj = shuffle_transitions(traj, generators["cpu"])  # rebinding frees the unshuffled copy
         stats = train_epoch(m, traj, optimizer, beta, args, rank)
+        t2 = time.time()
         record = {"epoch": epoch, "reward_exp": beta, "reward_mean": all_rewards.mean().item(),
                   "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0, **stats,
-                  "rollout_s": t1 - t0, "train_s": time.time() - t1}  # fmt: skip
+                  "rollout_s": t1 - t0, "train_s": t2 - t1, "traj_per_s": per_rank * world / (t2 - t0),
+                  "transitions_per_s": per_rank * world * args.steps / (t2 - t0), "peak_mem_gb": peak_memory_gb(device),
+                  **cost_record(m.counts, per_rank)}  # fmt: skip
         if rank == 0:
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+            print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS), flush=True)  # everything else: log.jsonl
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             save_grid(out / f"samples-{epoch:04d}.png", *grid)
+            plot_curves(out / "curves.png", read_jsonl(out / "log.jsonl"), read_jsonl(out / "eval.jsonl"))
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             save_checkpoint(out, epoch + 1, m, optimizer, generators, rank)
         del traj  # before the next rollout allocates its own
+    if eval_due(args.epochs):
+        log_evaluation(m, reward_fn, eval_prompts, args, out, args.epochs, rank, world)
+
+
+CONSOLE_KEYS = ("epoch", "reward_exp", "reward_mean", "reward_std", "loss", "log_flow", "unetreg", "rollout_s", "train_s",
+                "traj_per_s", "peak_mem_gb", "sd15_tflop_per_traj")
+
+
+def log_evaluation(m, reward_fn, prompts, args, out, epoch, rank, world):
+    """Evaluate; rank 0 appends to eval.jsonl, saves eval-EPOCH.png (prompt rows x seed columns) and curves.png."""
+    t0 = time.time()
+    record, grid = evaluate(m, reward_fn, prompts, args, rank, world)
+    if rank == 0:
+        record = {"epoch": epoch, **record, "eval_s": time.time() - t0}
+        print(f"eval {epoch} | " + " | ".join(f"{k} {record[k]:.4g}" for k in ("eval_reward_mean", "eval_reward_std", "diversity", "eval_s")), flush=True)
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_grid(out / f"eval-{epoch:04d}.png", *grid, cols=args.eval_samples)
+        plot_curves(out / "curves.png", read_jsonl(out / "log.jsonl"), read_jsonl(out / "eval.jsonl"))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 if __name__ == "__main__":

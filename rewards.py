@@ -376,7 +376,7 @@ def drawbench():
     2 prompts of each remaining category held out for evaluation (183 -> 165 train + 18 eval)."""
     path = cache_dir() / "drawbench.csv"
     if not path.is_file():
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise OSError(f"DrawBench is not cached at {path} and HF_HUB_OFFLINE=1; save {DRAWBENCH_URL} there")
         try:
             data = urllib.request.urlopen(DRAWBENCH_URL, timeout=60).read()

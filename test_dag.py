@@ -114,7 +114,7 @@ def sd_dir(tmp_path_factory):
 def cli(model, out, *extra):
     """A tiny run's argv: few steps, small batches, fp32, jpeg reward on the inline animal prompts."""
     return ["--model", model, "--out", str(out), "--reward", "jpeg_compressibility", "--prompts", "simple_animals", "--steps", "4", "--sample-batch",
-            "4", "--num-batches", "1", "--train-batch", "2", "--grad-accum", "1", "--precision", "fp32", *extra]  # fmt: skip
+            "4", "--num-batches", "1", "--train-batch", "2", "--grad-accum", "1", "--precision", "fp32", "--eval-every", "0", *extra]  # fmt: skip
 
 
 def load(model, *extra):
@@ -319,7 +319,7 @@ def test_shuffle_keeps_every_key_aligned():  # oracle 14
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def jpeg_reward(images, prompts):
+def dark_reward(images, prompts):
     return -torch.stack([img.mean() for img in images])  # any pixel function will do for routing tests
 
 
@@ -332,7 +332,7 @@ def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, requ
     """Parameters unchanged since the rollout, micro-batches sliced from the shuffled store as train_epoch slices
     them (mixed timesteps): the recomputed log-prob and eps equal the stored ones bitwise."""
     args, m = load(request.getfixturevalue(f"{which}_dir"), "--sample-batch", "4", "--train-batch", "2")
-    traj = dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
+    traj = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
     # the stored chain is consistent: each transition's child is the next transition's parent
     assert torch.equal(traj["x_prev"][:, :-1], traj["x_t"][:, 1:])
     assert torch.equal(traj["r_prev"][:, :-1], traj["r_t"][:, 1:]) and torch.equal(traj["r_prev"][:, -1], traj["reward"])
@@ -351,7 +351,7 @@ def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, requ
 @pytest.mark.parametrize("which", ["ddpm", "sd"])
 def test_gradient_routing_db_and_kl(which, request):  # oracle 9
     args, m = load(request.getfixturevalue(f"{which}_dir"))
-    traj = dag.rollout(m, jpeg_reward, ["cat", "dog", "a fox", "bee"], args, generator(10))
+    traj = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(10))
     batch = step_batch(traj, 1)
     batch["eps_old"] = batch["eps_old"] + 0.1  # make unetreg nonzero: its value is checked below
     flow_grads = {}
@@ -377,7 +377,7 @@ def test_gradient_routing_db_and_kl(which, request):  # oracle 9
 
 def test_kl_policy_term_is_the_only_theta_gradient_besides_unetreg(ddpm_dir):
     args, m = load(ddpm_dir, "--algo", "kl", "--unetreg", "0", "--kl-coef", "0")
-    traj = dag.rollout(m, jpeg_reward, [""] * 4, args, generator(11))
+    traj = dag.rollout(m, dark_reward, [""] * 4, args, generator(11))
     loss, _ = dag.transition_loss(m, step_batch(traj, 2), 2.0, args)
     loss.mean().backward()
     assert all(p.grad is None or (p.grad == 0).all() for p in m.lora_params)  # theta: nothing from loss_flow
@@ -390,7 +390,7 @@ def test_kl_policy_term_is_the_only_theta_gradient_besides_unetreg(ddpm_dir):
 
 def test_flow_alone_halves_the_db_loss(ddpm_dir):  # oracle 15a
     args, m = load(ddpm_dir)
-    traj = dag.rollout(m, jpeg_reward, [""] * 4, args, generator(12))
+    traj = dag.rollout(m, dark_reward, [""] * 4, args, generator(12))
     batches = [step_batch(traj, j) for j in range(args.steps)]
     log_pb = [dag.backward_logprob(m.scheduler, b["t"], b["x_t"], b["x_prev"]) for b in batches]
     opt = torch.optim.AdamW(m.flow.parameters(), lr=3e-4)
@@ -413,7 +413,7 @@ def test_policy_step_favours_transitions_toward_higher_reward(algo, ddpm_dir):  
     must raise log p_theta of the transitions whose child has the higher x0_pred reward, and lower the others.
     A sign error in the residual, the advantage or the r_t / r_prev alignment flips this."""
     args, m = load(ddpm_dir, "--algo", algo, "--train-batch", "4", "--unetreg", "0")
-    traj = dag.rollout(m, jpeg_reward, [""] * 4, args, generator(13))
+    traj = dag.rollout(m, dark_reward, [""] * 4, args, generator(13))
     torch.nn.init.zeros_(m.flow.head.weight)
     torch.nn.init.zeros_(m.flow.head.bias)
     m.flow.requires_grad_(False)
@@ -505,10 +505,13 @@ def run_script(argv, nproc=None, **kwargs):
 
 
 def test_torchrun_two_processes_stay_in_sync(sd_dir, tmp_path):
-    proc = run_script(cli(sd_dir, tmp_path, "--epochs", "2", "--lr", "1e-2"), nproc=2)
+    (tmp_path / "eval.txt").write_text("cat\na fox\nbee\n")  # 3 prompts x 3 seeds: 5 + 4 (+ 1 pad) per rank
+    eval_flags = ["--eval-every", "2", "--eval-prompts", str(tmp_path / "eval.txt"), "--eval-samples", "3"]
+    proc = run_script(cli(sd_dir, tmp_path / "run", "--epochs", "2", "--lr", "1e-2", *eval_flags), nproc=2)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
     assert "world 2" in output and "global: 8 trajectories/epoch" in output
+    tmp_path = tmp_path / "run"
     state = torch.load(tmp_path / "checkpoint-2" / "training_state.pt", weights_only=False)
     d0, d1 = state["digests"]
     assert d0 == d1, "LoRA + flow weights differ between ranks"
@@ -517,6 +520,11 @@ def test_torchrun_two_processes_stay_in_sync(sd_dir, tmp_path):
     assert [r["epoch"] for r in log] == [0, 1]  # rank 0 alone writes the log
     assert (tmp_path / "samples-0001.png").is_file()
     assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in evals] == [0, 2] and (tmp_path / "eval-0002.png").is_file()
+    args, m = load(sd_dir, *eval_flags)  # the same initial weights in one process: the same fixed-noise evaluation
+    record, _ = dag.evaluate(m, dag.counted(rewards.load("jpeg_compressibility"), m.counts), ["cat", "a fox", "bee"], args, 0, 1)
+    assert evals[0]["eval_reward_per_prompt"] == pytest.approx(record["eval_reward_per_prompt"], abs=2e-3)
 
 
 def test_saved_lora_loads_into_a_fresh_pipeline(sd_dir, tmp_path):
@@ -535,7 +543,9 @@ def test_saved_lora_loads_into_a_fresh_pipeline(sd_dir, tmp_path):
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(sd_dir, tmp_path):
-    argv = cli(sd_dir, tmp_path / "full", "--epochs", "4", "--save-every", "1", "--lr", "1e-2", "--reward-exp", "5")
+    (tmp_path / "eval.txt").write_text("cat\n")
+    argv = cli(sd_dir, tmp_path / "full", "--epochs", "4", "--save-every", "1", "--lr", "1e-2", "--reward-exp", "5",
+               "--eval-every", "2", "--eval-prompts", str(tmp_path / "eval.txt"), "--eval-samples", "2")  # fmt: skip
     full = run_script(argv)
     output, _ = full.communicate(timeout=600)
     assert full.returncode == 0, output
@@ -560,6 +570,99 @@ def test_kill_and_resume_matches_an_uninterrupted_run(sd_dir, tmp_path):
     for epoch in range(start, 4):
         for key in ("reward_mean", "loss", "log_flow"):
             assert got[epoch][key] == pytest.approx(expected[epoch][key], rel=1e-6, abs=1e-9), (epoch, key)
+    evals = [json.loads(line) for line in (tmp_path / "cut" / "eval.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "full" / "eval.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in evals] == [r["epoch"] for r in expected] == [0, 2, 4]
+    assert [r["eval_reward_mean"] for r in evals] == pytest.approx([r["eval_reward_mean"] for r in expected], rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation, diversity, cost accounting
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cost_counters_match_a_hand_count_and_eval_outputs_exist(sd_dir, tmp_path):
+    N = 4
+    (tmp_path / "eval.txt").write_text("a cat\nbee\n")
+    dag.main(cli(sd_dir, tmp_path / "run", "--epochs", "2", "--eval-every", "1", "--eval-prompts", str(tmp_path / "eval.txt"),
+                 "--eval-samples", "2"))  # fmt: skip
+    run = tmp_path / "run"
+    log, evals = dag.read_jsonl(run / "log.jsonl"), dag.read_jsonl(run / "eval.jsonl")
+    # per trajectory: rollout N CFG UNet forwards (2 rows each), one decode + one reward per state x_t and one for the
+    # final image; training N CFG forwards + backwards, the flow at both ends of each of the N transitions
+    hand = {"unet_fwd": 2 * N + 2 * N, "unet_bwd": 2 * N, "vae_decode_fwd": N + 1, "reward_fwd": N + 1, "flow_fwd": 2 * N, "flow_bwd": 2 * N}
+    for record in log:
+        assert {k[len("evals_") :]: v for k, v in record.items() if k.startswith("evals_")} == hand
+        assert record["sd15_tflop_per_traj"] == pytest.approx(sum(dag.SD15_GFLOP[k] * v for k, v in hand.items()) / 1000)
+        assert record["traj_per_s"] > 0 and record["transitions_per_s"] == pytest.approx(N * record["traj_per_s"])
+        assert record["peak_mem_gb"] > 0
+    # evaluation: the sampler alone (no per-state reward, no training), one decode and one reward per image
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    for record in evals:
+        assert {k[len("evals_") :]: v for k, v in record.items() if k.startswith("evals_")} == {"unet_fwd": 2 * N, "vae_decode_fwd": 1, "reward_fwd": 1}
+        assert len(record["eval_reward_per_prompt"]) == 2 and record["diversity"] > 0 and record["diversity_space"] == "pixels 32x32"
+    for name in ("eval-0000.png", "eval-0002.png", "curves.png", "samples-0001.png"):
+        assert (run / name).is_file(), name
+
+
+def test_evaluation_noise_is_fixed_across_evaluations(sd_dir):
+    args, m = load(sd_dir, "--eval-samples", "3")
+    fn, prompts = dag.counted(dark_reward, m.counts), ["cat", "a fox"]
+    first, (images, labels, scores) = dag.evaluate(m, fn, prompts, args, 0, 1)
+    second, (images_again, _, scores_again) = dag.evaluate(m, fn, prompts, args, 0, 1)
+    assert torch.equal(images, images_again) and scores == scores_again and first == second  # bitwise on CPU
+    assert labels == ["seed 0: cat", "seed 1: cat", "seed 2: cat", "seed 0: a fox", "seed 1: a fox", "seed 2: a fox"]
+    noise = dag.eval_noise(m, 3, args.steps)
+    assert noise.shape == (3, args.steps + 1, *m.latent_shape) and torch.equal(noise, dag.eval_noise(m, 3, args.steps))
+    assert not torch.equal(noise[0], noise[1])
+    direct = dag.sample_images(m, ["a fox"], noise[2:3], args)  # the sampler alone reproduces the grid's image
+    assert torch.equal((direct * 255).round() / 255, images[5:6])
+    with torch.no_grad():
+        m.lora_params[1].add_(0.3)  # a changed policy changes the evaluation images, not the noise
+    _, (changed, _, _) = dag.evaluate(m, fn, prompts, args, 0, 1)
+    assert not torch.equal(changed, images)
+
+
+def test_diversity_is_zero_for_identical_samples_and_grows_with_spread():
+    assert dag.diversity(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), 2) == 2.0  # one prompt, two samples at distance 2
+    base = torch.randn(3, 1, 8, generator=generator(31))
+    assert dag.diversity(base.expand(3, 4, 8).reshape(12, 8), 4) == 0
+    noise = torch.randn(3, 4, 8, generator=generator(32))
+    spread = [dag.diversity((base + s * noise).reshape(12, 8), 4) for s in (0.1, 0.5, 2.0)]
+    assert 0 < spread[0] < spread[1] < spread[2]
+    assert spread[1] == pytest.approx(5 * spread[0])  # a distance: scales with the spread
+
+    image = torch.rand(1, 3, 16, 16, generator=generator(33))
+    pixels = dag.image_features(dark_reward, image.expand(4, 3, 16, 16))  # no embedding: 32x32 pixel fallback
+    assert pixels.shape == (4, 3 * 32 * 32) and dag.diversity(pixels, 4) == 0
+    assert dag.diversity(dag.image_features(dark_reward, torch.rand(4, 3, 16, 16, generator=generator(34))), 4) > 0.1
+
+    def with_embedding(images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    with_embedding.embed = lambda images: images.flatten(1)[:, :5] * 7  # a reward model's image embedding
+    features = dag.image_features(dag.counted(with_embedding, {}), torch.rand(2, 3, 4, 4, generator=generator(35)))
+    assert features.shape == (2, 5) and torch.allclose(features.norm(dim=-1), torch.ones(2))
+
+
+def test_grad_checkpointing_gives_the_same_gradients(sd_dir, monkeypatch):
+    import torch.utils.checkpoint
+
+    checkpoint, calls, runs = torch.utils.checkpoint.checkpoint, [], []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    for extra in ([], ["--grad-checkpointing"]):
+        args, m = load(sd_dir, *extra)
+        traj = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(30))
+        calls.clear()
+        saved = []  # activations kept for the backward, in elements
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            loss, _ = dag.transition_loss(m, dag.transition_batch(traj, slice(0, 2), 1), 5.0, args)
+        loss.mean().backward()
+        runs.append((len(calls), sum(saved), [p.grad.clone() for p in m.lora_params]))
+    (plain_calls, plain_saved, plain), (checkpointed_calls, checkpointed_saved, checkpointed) = runs
+    assert plain_calls == 0 and checkpointed_calls > 0 and checkpointed_saved < plain_saved  # no-grad rollout: none
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -567,7 +670,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(sd_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_jpeg_rewards_match_an_independent_pil_computation():
+def test_dark_rewards_match_an_independent_pil_computation():
     import io
 
     import numpy as np
