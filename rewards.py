@@ -4,7 +4,8 @@ Every entry of `REWARDS` is a factory `make(device) -> fn` whose closure has the
 
     fn(images: (B, 3, H, W) float in [0, 1], prompts: list[str]) -> (B,) float32 tensor on images.device
 
-and returns the *raw* score r(x0). The temperature `reward_exp` is applied in dag.py only. Heavy imports and weight
+and returns the *raw* score r(x0). A model reward also sets `fn.embed(images) -> (B, d)`, its image embedding, which
+dag.py uses to measure the diversity of evaluation samples. The temperature `reward_exp` is applied in dag.py only. Heavy imports and weight
 loading happen inside the factories, so `import rewards` is instant and never fails for a missing optional package.
 A reward of your own needs no edit here: `--reward mypkg.module:function` imports a factory of the same shape.
 
@@ -157,10 +158,14 @@ def aesthetic(device="cpu", clip_model="openai/clip-vit-large-patch14", head_pat
     head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
     head = frozen(head, device)
 
+    def embed(images):
+        return clip(pixel_values=clip_preprocess(images, clip.config.image_size)).image_embeds
+
     def fn(images, prompts):
-        embedding = clip(pixel_values=clip_preprocess(images, clip.config.image_size)).image_embeds
+        embedding = embed(images)
         return head(embedding / embedding.norm(dim=-1, keepdim=True))
 
+    fn.embed = embed
     return fn
 
 
@@ -213,13 +218,17 @@ def imagereward(device="cpu", checkpoint=None, tokenizer="bert-base-uncased", co
     model = frozen(model, device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
 
+    def vision(images):
+        return model["vision"](pixel_values=clip_preprocess(images, vision_config.image_size))
+
     def fn(images, prompts):
         tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt").to(images.device)
-        image_tokens = model["vision"](pixel_values=clip_preprocess(images, vision_config.image_size)).last_hidden_state
+        image_tokens = vision(images).last_hidden_state
         text = model["text"](input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image_tokens,
                              encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=images.device))  # fmt: skip
         return (model["head"](text.last_hidden_state[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
+    fn.embed = lambda images: vision(images).pooler_output  # the ViT's [CLS] state
     return fn
 
 
@@ -279,13 +288,16 @@ def vit_h14_config():
 def clip_similarity(model, tokenizer, scale):
     """fn(images, prompts) -> scale * cos(image embedding, prompt embedding), for a transformers CLIPModel."""
 
+    def embed(images):
+        pixels = clip_preprocess(images, model.config.vision_config.image_size)
+        return model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+
     def fn(images, prompts):
         ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        pixels = clip_preprocess(images, model.config.vision_config.image_size)
-        image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
         text = model.text_projection(model.text_model(input_ids=ids.to(images.device)).pooler_output)
-        return scale * F.cosine_similarity(image, text, dim=-1)
+        return scale * F.cosine_similarity(embed(images), text, dim=-1)
 
+    fn.embed = embed
     return fn
 
 

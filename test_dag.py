@@ -723,6 +723,7 @@ def test_aesthetic_reward_device_preprocessing_matches_pil(tmp_path):
     images.requires_grad_(True)
     scores = fn(images, [""] * 3)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert fn.embed(images).shape == (3, 768)
     scores.sum().backward()
     assert images.grad.abs().sum() > 0  # differentiable (AlignProp-style use)
 
@@ -848,6 +849,7 @@ def test_imagereward_checkpoint_layout_loads_into_transformers_blip(tmp_path):
             cls = cls @ state[f"mlp.layers.{i}.weight"].T + state[f"mlp.layers.{i}.bias"]
         reference = (cls.squeeze(-1) - rewards.IMAGEREWARD_MEAN) / rewards.IMAGEREWARD_STD
     torch.testing.assert_close(scores.detach(), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fn.embed(images).detach(), image_tokens[:, 0], atol=1e-5, rtol=1e-5)  # for diversity
 
 
 def open_clip_state(D, W, P, heads, layers, vocab, seed):
@@ -909,6 +911,7 @@ def test_hpsv2_open_clip_checkpoint_matches_a_reference_forward(tmp_path):
         text = ln(x, "ln_final")[torch.arange(3), ids.argmax(-1)] @ s["text_projection"]
         reference = F.cosine_similarity(image, text, dim=-1)
     torch.testing.assert_close(scores.detach(), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fn.embed(images).detach(), image, atol=1e-5, rtol=1e-5)  # for the diversity metric
 
 
 def test_pickscore_equals_the_clip_logits(tmp_path):
@@ -932,6 +935,7 @@ def test_pickscore_equals_the_clip_logits(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=rewards.clip_preprocess(images, 16)).logits_per_image
     torch.testing.assert_close(scores, logits.diagonal(), atol=1e-4, rtol=1e-5)
+    assert fn.embed(images).shape == (2, 16)
 
 
 def test_missing_package_and_missing_weights_are_one_clear_line(monkeypatch):
