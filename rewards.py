@@ -228,7 +228,7 @@ def imagereward(device="cpu", checkpoint=None, tokenizer="bert-base-uncased", co
                              encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=images.device))  # fmt: skip
         return (model["head"](text.last_hidden_state[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
-    fn.embed = lambda images: vision(images).pooler_output  # the ViT's [CLS] state
+    fn.embed = lambda images: vision(images).last_hidden_state[:, 0]  # the [CLS] state (pooler_output is normed twice)
     return fn
 
 
