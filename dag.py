@@ -618,7 +618,7 @@ def train_epoch(m, traj, optimizer, reward_exp, args, rank):
 # Evaluation (fixed noise, reward, diversity) and cost accounting
 # --------------------------------------------------------------------------------------------------------------------
 
-# GFLOP per sample at SD-1.5 shapes (LANDSCAPE.md, counted with torch.utils.flop_counter); the reward is CLIP-L.
+# GFLOP per sample at SD-1.5 shapes (the project's cost model, from torch.utils.flop_counter); the reward is CLIP-L.
 SD15_GFLOP = {"unet_fwd": 803, "unet_bwd": 910, "vae_decode_fwd": 2515, "reward_fwd": 162, "flow_fwd": 9, "flow_bwd": 18}
 
 
