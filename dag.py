@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block
@@ -94,13 +95,17 @@ def parse_args(argv=None):
     p.add_argument("--decode-chunk", type=int, default=16, help="images per VAE decode call (bounds memory)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations in the backward (less memory, more time)")
     # DAG objective
-    p.add_argument("--algo", choices=["db", "kl"], default="db", help="DAG-DB (detailed balance) or DAG-KL")
+    p.add_argument("--algo", choices=["db", "kl", "ddpo", "alignprop"], default="db", help="DAG-DB (detailed balance), DAG-KL, or a baseline: DDPO (PPO on terminal rewards), AlignProp (reward backpropagation)")
     p.add_argument("--reward-exp", type=float, default=100.0, help="reward temperature: log R = reward_exp * r (release: reward_exp)")
     p.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True, help="ramp reward_exp linearly from 0 over the first half of training")
     p.add_argument("--kl-coef", type=float, default=1.0, help="weight of the policy term in DAG-KL (release: klpf)")
     p.add_argument("--unetreg", type=float, default=1.0, help="weight of mean((eps - eps_rollout)^2)")
-    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip in DAG-KL")
-    p.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip in DAG-KL (release: adv_clip_max)")
+    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip in DAG-KL and DDPO")
+    p.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip in DAG-KL and DDPO (release: adv_clip_max)")
+    # Baselines
+    p.add_argument("--min-count", type=int, default=16, help="DDPO: rewards of a prompt seen before its own mean/std replace the batch's")
+    p.add_argument("--buffer-size", type=int, default=16, help="DDPO: last rewards kept per prompt for its mean/std")
+    p.add_argument("--truncation", type=int, default=1, help="AlignProp: K, the last denoising steps the reward gradient flows through")
     # Optimisation
     p.add_argument("--epochs", type=int, default=100, help="number of rollout + training rounds")
     p.add_argument("--train-batch", type=int, default=8, help="trajectories per training micro-batch, per process")
@@ -142,6 +147,11 @@ def check_args(args):
         die(f"{micro_batches} micro-batches per epoch (sample-batch*num-batches/train-batch) are not divisible by --grad-accum {args.grad_accum}")
     if args.eval_every < 0 or args.eval_samples < 2:
         die("--eval-every must be >= 0 and --eval-samples >= 2 (diversity compares samples of the same prompt)")
+    if args.algo == "alignprop" and ":" not in args.reward and args.reward not in rewards.DIFFERENTIABLE:
+        die(f"--algo alignprop backpropagates through the reward, and {args.reward!r} has no gradient: use one of "
+            f"{', '.join(sorted(rewards.DIFFERENTIABLE))} (or a differentiable module:function)")  # fmt: skip
+    if not 1 <= args.truncation <= args.steps or args.min_count < 1 or args.buffer_size < 1:
+        die("--truncation must be in [1, --steps]; --min-count and --buffer-size >= 1")
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
     for flag, spec in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
@@ -362,10 +372,14 @@ def kl_loss(log_flow, log_pf, log_pf_old, log_pb, log_flow_prev, clip_range=1e-4
     grad_theta log p_theta, so this is DAG-DB's theta-gradient plus a baseline, normalisation, clipping and a ratio)."""
     loss_flow = (log_flow + log_pf.detach() - log_pb - log_flow_prev) ** 2
     advantages = leave_one_out_advantages((log_flow_prev + log_pb - log_pf - log_flow).detach(), adv_clip_max)
+    return loss_flow, ppo_clip_loss(log_pf, log_pf_old, advantages, clip_range)
+
+
+def ppo_clip_loss(log_pf, log_pf_old, advantages, clip_range):
+    """PPO's clipped surrogate (Schulman et al. 2017), per sample: max(-A r, -A clip(r, 1 - c, 1 + c)) with the ratio
+    r = p_theta / p_theta_old of the stored rollout; its gradient is exactly 0 where the clip is active."""
     ratio = torch.exp(log_pf - log_pf_old)
-    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss_policy = torch.maximum(-advantages * ratio, -advantages * clipped)
-    return loss_flow, loss_policy
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -406,7 +420,8 @@ def load_models(args, device):
     channels = unet.config.in_channels
     m.latent_shape = (channels, unet.config.sample_size, unet.config.sample_size)
     cross = m.text_encoder.config.hidden_size if conditional else None
-    m.flow = FlowNet(channels, cross).to(device)  # fp32
+    m.flow = FlowNet(channels, cross).to(device) if args.algo in ("db", "kl") else None  # fp32; the baselines have none
+    m.flow_params = list(m.flow.parameters()) if m.flow is not None else []
     m.counts = collections.Counter()
     for kind, module in (("unet", m.unet), ("vae_decode", m.vae.decoder if m.vae is not None else None), ("flow", m.flow)):
         if module is not None:
@@ -468,9 +483,9 @@ def predict_eps(m, x_t, t, text, guidance):
     return eps_u + guidance * (eps_c - eps_u), eps_c
 
 
-@torch.no_grad()
 def decode(m, x0, chunk):
-    """Latent (or pixel) x0 -> RGB in [0, 1], fp32; VAE decodes `chunk` images at a time."""
+    """Latent (or pixel) x0 -> RGB in [0, 1], fp32; VAE decodes `chunk` images at a time. Differentiable when the
+    caller enables grad (AlignProp); the rollout and evaluation call it under no_grad."""
     if m.vae is not None:
         with autocast(m):
             x0 = torch.cat([m.vae.decode(c.to(m.dtype) / m.vae.config.scaling_factor).sample.float() for c in x0.split(chunk)])
@@ -485,12 +500,13 @@ STEP_KEYS = ("x_t", "x_prev", "t", "log_pf_old", "eps_old", "r_t", "r_prev")  # 
 
 
 @torch.no_grad()
-def rollout(m, reward_fn, prompts, args, generator):
+def rollout(m, reward_fn, prompts, args, generator, x0_reward=True):
     """Sample B = len(prompts) trajectories x_T -> x_0 of N DDIM steps.
 
     -> dict of STEP_KEYS (B, N, ...) + text (B, L, E) or None + reward (B,) + images (B, 3, H, W) in [0, 1].
     r_t is the raw reward of decode(x0_pred(x_t)) from the text-branch eps (forward-looking flow, no CFG); r_prev of
-    the last transition is the final image's reward, the terminal boundary log F(x_0) = reward_exp * r(x_0)."""
+    the last transition is the final image's reward, the terminal boundary log F(x_0) = reward_exp * r(x_0).
+    x0_reward=False (DDPO, which needs terminal rewards only) skips the per-state decodes and stores r_t = 0."""
     B, dev = len(prompts), m.device
     text = encode_prompts(m, prompts) if m.conditional else None
     x = torch.randn((B, *m.latent_shape), generator=generator, device=dev)
@@ -503,7 +519,7 @@ def rollout(m, reward_fn, prompts, args, generator):
                               None if text is None else text[i : i + args.train_batch], args.guidance_scale)
                   for i in range(0, B, args.train_batch)]  # fmt: skip
         eps, eps_text = (torch.cat(c) for c in zip(*chunks))
-        r_t = reward_fn(decode(m, predict_x0(m.scheduler, eps_text, t, x), args.decode_chunk), prompts).float()
+        r_t = reward_fn(decode(m, predict_x0(m.scheduler, eps_text, t, x), args.decode_chunk), prompts).float() if x0_reward else torch.zeros(B, device=dev)
         x_prev, log_pf = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
         for k, v in zip(steps, (x, x_prev, t, log_pf, eps, r_t)):
             steps[k].append(v)
@@ -524,7 +540,8 @@ def sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch):
     for _ in tqdm(range(args.num_batches), desc=f"epoch {epoch} sample", disable=rank != 0, leave=False):
         idx = torch.randint(len(prompts_all), (args.sample_batch,), generator=generators["cpu"])
         prompts = [prompts_all[i] for i in idx] if m.conditional else [""] * args.sample_batch
-        part = rollout(m, reward_fn, prompts, args, generators["noise"])
+        part = rollout(m, reward_fn, prompts, args, generators["noise"], x0_reward=args.algo != "ddpo")
+        part["prompt_idx"] = idx.to(m.device)  # (B,), DDPO's per-prompt statistics
         images = part.pop("images")
         grid = grid or (images[:16], prompts[:16], part["reward"][:16].tolist())
         parts.append(part)
@@ -573,6 +590,9 @@ def transition_loss(m, batch, reward_exp, args):
     x_t, x_prev, t, text = batch["x_t"], batch["x_prev"], batch["t"], batch["text"]
     eps, _ = predict_eps(m, x_t, t, text, args.guidance_scale if args.cfg else None)  # NOTE: CFG in the training forward
     _, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, args.eta, x_prev=x_prev)
+    if args.algo == "ddpo":  # the baseline: no flow, no backward policy, no unetreg
+        loss = ppo_clip_loss(log_pf, batch["log_pf_old"], batch["advantage"], args.clip_range)
+        return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
     log_pb = backward_logprob(m.scheduler, t, x_t, x_prev)
     log_flow, log_flow_prev = log_flows(m, batch, reward_exp)
     unetreg = ((eps - batch["eps_old"]) ** 2).mean(dim=(1, 2, 3))
@@ -590,14 +610,25 @@ def transition_batch(traj, rows, j):
     """The j-th (permuted) transition of the trajectories `rows` (a slice): per-step keys (b, ...) + their text."""
     batch = {key: traj[key][rows, j] for key in STEP_KEYS}
     batch["text"] = None if traj["text"] is None else traj["text"][rows]
+    if "advantage" in traj:  # DDPO: one advantage per trajectory, shared by its N transitions
+        batch["advantage"] = traj["advantage"][rows]
     return batch
+
+
+def optimizer_step(m, optimizer, args):
+    """Average gradients over ranks, clip LoRA and flow separately, step."""
+    average_gradients(m.lora_params + m.flow_params)
+    for params in (m.lora_params, m.flow_params):
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def train_epoch(m, traj, optimizer, reward_exp, args, rank):
     """On shuffled trajectories: for each micro-batch of trajectories, for each of the N permuted
     transitions, backward loss.mean() / (grad_accum * N); an optimizer step every grad_accum micro-batches."""
     B, N = traj["t"].shape
-    trainable = m.lora_params + list(m.flow.parameters())
     stats, micro_batches = [], range(0, B, args.train_batch)
     for k, i in enumerate(tqdm(micro_batches, desc="train", disable=rank != 0, leave=False)):
         for j in range(N):
@@ -605,13 +636,70 @@ def train_epoch(m, traj, optimizer, reward_exp, args, rank):
             (loss.mean() / (args.grad_accum * N)).backward()
             stats.append(s)
         if (k + 1) % args.grad_accum == 0:
-            average_gradients(trainable)
-            torch.nn.utils.clip_grad_norm_(m.lora_params, args.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(m.flow.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(m, optimizer, args)
     local = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0, keepdim=True)  # (1, n_stats)
     return dict(zip(stats[0], gather(local).mean(0).tolist()))  # means over this epoch and over all ranks
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Baselines on the same sampler, rewards and loop: DDPO (--algo ddpo) and AlignProp (--algo alignprop)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def per_prompt_advantages(scores, prompt_ids, history, min_count, buffer_size):
+    """DDPO's advantages (Black et al. 2023, arXiv 2305.13301): each terminal reward standardised by the mean / std of
+    the last `buffer_size` rewards of its prompt (this batch included), or by the batch's while the prompt has fewer
+    than `min_count`. history: {prompt id: [rewards]}, updated in place. (B,) float -> (B,) float."""
+    advantages = torch.empty_like(scores)
+    for pid in prompt_ids.unique().tolist():
+        rows = prompt_ids == pid
+        seen = (history.get(pid, []) + scores[rows].tolist())[-buffer_size:]
+        history[pid] = seen
+        ref = torch.tensor(seen, dtype=scores.dtype) if len(seen) >= min_count else scores.cpu()
+        advantages[rows] = (scores[rows] - ref.mean().item()) / (ref.std(unbiased=False).item() + 1e-6)
+    return advantages
+
+
+def alignprop_loss(m, reward_fn, prompts, args, generator):
+    """AlignProp (Prabhudesai et al. 2023, arXiv 2310.03739): loss = -r(decode(x_0)), backpropagated through the sampler.
+
+    The first N - K steps run without grad; the last K = --truncation steps and the decode keep the graph, each under
+    gradient checkpointing (activations recomputed in the backward). -> (loss (B,), reward (B,) detached, images)."""
+    text = encode_prompts(m, prompts) if m.conditional else None
+    x = torch.randn((len(prompts), *m.latent_shape), generator=generator, device=m.device)
+    N = len(m.scheduler.timesteps)
+    for i, t_scalar in enumerate(m.scheduler.timesteps):
+        t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
+        with torch.set_grad_enabled(i >= N - args.truncation):
+            if torch.is_grad_enabled():
+                eps = checkpoint(lambda x_, t_=t: predict_eps(m, x_, t_, text, args.guidance_scale)[0], x, use_reentrant=False)
+            else:
+                eps, _ = predict_eps(m, x, t, text, args.guidance_scale)
+            x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
+    images = checkpoint(decode, m, x, args.decode_chunk, use_reentrant=False)
+    reward = reward_fn(images, prompts).float()
+    if not reward.requires_grad:
+        die(f"--algo alignprop: reward {args.reward!r} returned no gradient")
+    return -reward, reward.detach(), images.detach()
+
+
+def alignprop_epoch(m, reward_fn, prompts_all, optimizer, args, generators, rank):
+    """One AlignProp epoch with DAG's batch arithmetic: num_batches * sample_batch trajectories per process, sampled and
+    trained in micro-batches of train_batch, an optimizer step every grad_accum. No stored rollout, no flow.
+
+    -> (rewards of this epoch's samples (all ranks), grid material, stats)."""
+    per_rank, scores, losses, grid = args.sample_batch * args.num_batches, [], [], None
+    for k in tqdm(range(per_rank // args.train_batch), desc="alignprop", disable=rank != 0, leave=False):
+        idx = torch.randint(len(prompts_all), (args.train_batch,), generator=generators["cpu"])
+        prompts = [prompts_all[i] for i in idx] if m.conditional else [""] * args.train_batch
+        loss, reward, images = alignprop_loss(m, reward_fn, prompts, args, generators["noise"])
+        (loss.mean() / args.grad_accum).backward()
+        if (k + 1) % args.grad_accum == 0:
+            optimizer_step(m, optimizer, args)
+        scores.append(reward)
+        losses.append(loss.detach().mean())
+        grid = grid or (images.cpu()[:16], prompts[:16], reward[:16].tolist())
+    return gather(torch.cat(scores)), grid, {"loss": gather(torch.stack(losses).mean().reshape(1)).mean().item()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -752,14 +840,15 @@ def rng_state(generators):
     return {name: g.get_state() for name, g in generators.items()}
 
 
-def save_checkpoint(out, epoch, m, optimizer, generators, rank):
-    """Rank 0 writes OUT/checkpoint-EPOCH atomically (temp dir + rename); every rank's RNG states are included."""
+def save_checkpoint(out, epoch, m, optimizer, generators, rank, history):
+    """Rank 0 writes OUT/checkpoint-EPOCH atomically (temp dir + rename); every rank's RNG states are included, and
+    DDPO's per-prompt reward history (the same on every rank)."""
     states = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(states, rng_state(generators))
     else:
         states[0] = rng_state(generators)
-    digests = parameter_digest(m.lora_params + list(m.flow.parameters()))
+    digests = parameter_digest(m.lora_params + m.flow_params)
     if rank == 0:
         final, tmp = out / f"checkpoint-{epoch}", out / f".checkpoint-{epoch}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -769,8 +858,8 @@ def save_checkpoint(out, epoch, m, optimizer, generators, rank):
             StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora))
         else:
             save_file(lora, tmp / "pytorch_lora_weights.safetensors")  # peft key format (UNet2DModel)
-        state = {"epoch": epoch, "lora": lora, "flow": m.flow.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": states, "digests": digests}  # fmt: skip
+        state = {"epoch": epoch, "lora": lora, "flow": m.flow and m.flow.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": states, "digests": digests, "ddpo_history": history}  # fmt: skip
         torch.save(state, tmp / "training_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -791,11 +880,13 @@ def find_checkpoint(out, resume):
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load_checkpoint(path, m, optimizer, generators, rank):
-    """Restore LoRA, flow, optimizer and this rank's RNG streams. -> the number of completed epochs."""
+def load_checkpoint(path, m, optimizer, generators, rank, history):
+    """Restore LoRA, flow, optimizer, DDPO's history and this rank's RNG streams. -> the number of completed epochs."""
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     set_peft_model_state_dict(m.unet, state["lora"])
-    m.flow.load_state_dict(state["flow"])
+    if m.flow is not None:
+        m.flow.load_state_dict(state["flow"])
+    history.update(state.get("ddpo_history") or {})
     optimizer.load_state_dict(state["optimizer"])
     if rank < len(state["rng"]):
         for name, g in generators.items():
@@ -840,15 +931,13 @@ def _train(args, out, rank, world, device):
     m = load_models(args, device)
     reward_fn = counted(reward_fn, m.counts)
     prompts_all, eval_prompts = load_prompts(args, m.conditional)
-    optimizer = torch.optim.AdamW(
-        [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow.parameters(), "lr": args.flow_lr}],
-        betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8,
-    )  # fmt: skip
-    broadcast_parameters(m.lora_params + list(m.flow.parameters()))
-    start = 0
+    groups = [{"params": m.lora_params, "lr": args.lr}] + ([{"params": m.flow_params, "lr": args.flow_lr}] if m.flow else [])
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
+    broadcast_parameters(m.lora_params + m.flow_params)
+    start, history = 0, {}  # history: DDPO's rewards per prompt id
     ckpt = find_checkpoint(out, args.resume) if args.resume else None
     if ckpt is not None:
-        start = load_checkpoint(ckpt, m, optimizer, generators, rank)
+        start = load_checkpoint(ckpt, m, optimizer, generators, rank, history)
         print0(f"resumed from {ckpt} at epoch {start}")
     elif args.resume:
         print0(f"no checkpoint in {out}: starting at epoch 0")
@@ -859,8 +948,8 @@ def _train(args, out, rank, world, device):
                 (out / name).write_text("".join(f"{json.dumps(r)}\n" for r in read_jsonl(out / name) if r["epoch"] < start))
         (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
     per_rank = args.sample_batch * args.num_batches
-    n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow.parameters())
-    print0(f"DAG-{args.algo.upper()} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
+    n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow_params)
+    print0(f"{'DAG-' if m.flow else ''}{args.algo.upper()} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
            f"world {world} | device {device.type} | frozen {m.dtype} | trainable LoRA {n_lora:,} + flow {n_flow:,}\n"
            f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
            f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
@@ -868,7 +957,8 @@ def _train(args, out, rank, world, device):
     # NOTE: eval mode throughout, training included: neither net has dropout or batch-norm to switch on, and train mode
     # takes other kernels, so the training forward would no longer reproduce the rollout's eps bitwise.
     m.unet.eval()
-    m.flow.eval()
+    if m.flow is not None:
+        m.flow.eval()
     eval_due = lambda e: args.eval_every and (e % args.eval_every == 0 or e == args.epochs)  # noqa: E731
     for epoch in range(start, args.epochs):
         if eval_due(epoch):
@@ -878,11 +968,19 @@ def _train(args, out, rank, world, device):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
-        traj, grid = sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch)
-        t1 = time.time()
-        all_rewards = gather(traj["reward"])
-        traj = shuffle_transitions(traj, generators["cpu"])  # rebinding frees the unshuffled copy
-        stats = train_epoch(m, traj, optimizer, beta, args, rank)
+        if args.algo == "alignprop":  # sampling and training are one pass
+            all_rewards, grid, stats = alignprop_epoch(m, reward_fn, prompts_all, optimizer, args, generators, rank)
+            t1 = t0
+        else:
+            traj, grid = sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch)
+            t1 = time.time()
+            all_rewards = gather(traj["reward"])
+            if args.algo == "ddpo":  # advantages from the rewards and prompts of ALL ranks, then this rank's slice
+                advantages = per_prompt_advantages(all_rewards, gather(traj["prompt_idx"]), history, args.min_count, args.buffer_size)
+                traj["advantage"] = advantages.clamp(-args.adv_clip, args.adv_clip).view(world, -1)[rank]
+            traj = shuffle_transitions(traj, generators["cpu"])  # rebinding frees the unshuffled copy
+            stats = train_epoch(m, traj, optimizer, beta, args, rank)
+            del traj  # before the next rollout allocates its own
         t2 = time.time()
         record = {"epoch": epoch, "reward_exp": beta, "reward_mean": all_rewards.mean().item(),
                   "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0, **stats,
@@ -890,14 +988,13 @@ def _train(args, out, rank, world, device):
                   "transitions_per_s": per_rank * world * args.steps / (t2 - t0), "peak_mem_gb": peak_memory_gb(device),
                   **cost_record(m.counts, per_rank)}  # fmt: skip
         if rank == 0:
-            print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS), flush=True)  # everything else: log.jsonl
+            print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS if k in record), flush=True)  # everything else: log.jsonl
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             save_grid(out / f"samples-{epoch:04d}.png", *grid)
             plot_curves(out / "curves.png", read_jsonl(out / "log.jsonl"), read_jsonl(out / "eval.jsonl"))
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save_checkpoint(out, epoch + 1, m, optimizer, generators, rank)
-        del traj  # before the next rollout allocates its own
+            save_checkpoint(out, epoch + 1, m, optimizer, generators, rank, history)
     if eval_due(args.epochs):
         log_evaluation(m, reward_fn, eval_prompts, args, out, args.epochs, rank, world)
 
