@@ -431,15 +431,19 @@ def load_models(args, device):
 
 def count_evaluations(module, kind, counts):
     """Tally every forward of `module` as counts[kind_fwd] += batch rows, and its backward (when autograd runs it)
-    as counts[kind_bwd]: the cost accounting in log.jsonl is counted, not assumed."""
+    as counts[kind_bwd]: the cost accounting in log.jsonl is counted, not assumed. The forward is counted when it
+    starts, so a whole-module recomputation by gradient checkpointing (which may stop before the end) counts too."""
 
-    def hook(module, inputs, out):
+    def count_forward(module, inputs):
+        counts[f"{kind}_fwd"] += len(inputs[0])
+
+    def count_backward(module, inputs, out):
         out = out if torch.is_tensor(out) else out[0]  # diffusers returns an output dataclass
-        counts[f"{kind}_fwd"] += len(out)
         if out.requires_grad:
             out.register_hook(lambda grad: counts.update({f"{kind}_bwd": len(grad)}))
 
-    module.register_forward_hook(hook)
+    module.register_forward_pre_hook(count_forward)
+    module.register_forward_hook(count_backward)
 
 
 def counted(reward_fn, counts):
