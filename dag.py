@@ -19,6 +19,11 @@ Objectives, per transition s = (x_t, t) -> s' = (x_prev, t - Delta) of a stored 
                   term with advantage -residual (leave-one-out baseline, normalised, clipped)   (--algo kl)
     both        : + unetreg * mean((eps_theta - eps_rollout)**2), a proximal pull toward the rollout policy
 
+For comparison, two baselines run on the same sampler, rewards, evaluation and checkpoints (section "Baselines"):
+DDPO (--algo ddpo: PPO on terminal rewards standardised per prompt) and AlignProp (--algo alignprop: backpropagate
+-r(x0) through the last K denoising steps). Every run also evaluates the policy on held-out prompts with fixed noise
+(reward and a diversity metric) and counts the network evaluations it spends per trajectory.
+
 Where this file deliberately differs from the paper or the release (each is marked NOTE: at the code):
   * log-probs are MEANS over the D = C*H*W dimensions (the release's logp_mean=True). DB with mean log-probs,
     exponent reward_exp and flow F equals DB with summed log-probs, exponent D*reward_exp and flow D*F, divided by D**2;
@@ -35,6 +40,7 @@ Usage:
     python dag.py --reward aesthetic --num-batches 32 --grad-accum 32    # one GPU, same batches as 8 GPUs
     python dag.py --model google/ddpm-cifar10-32 --reward jpeg_compressibility --steps 10 \
         --sample-batch 8 --num-batches 1 --train-batch 4 --grad-accum 2 --epochs 4     # CPU toy run
+    torchrun --nproc_per_node=8 dag.py --reward aesthetic --algo ddpo    # the same run with the DDPO baseline
 
 Shapes: B batch, N denoising steps, C/H/W channels/height/width of a latent (SD: 4x64x64) or pixel image (3x32x32),
 L = 77 text tokens, E = 768 text width.
