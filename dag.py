@@ -156,8 +156,8 @@ def check_args(args):
     if args.algo == "alignprop" and ":" not in args.reward and args.reward not in rewards.DIFFERENTIABLE:
         die(f"--algo alignprop backpropagates through the reward, and {args.reward!r} has no gradient: use one of "
             f"{', '.join(sorted(rewards.DIFFERENTIABLE))} (or a differentiable module:function)")  # fmt: skip
-    if not 1 <= args.truncation <= args.steps or args.min_count < 1 or args.buffer_size < 1:
-        die("--truncation must be in [1, --steps]; --min-count and --buffer-size >= 1")
+    if not 1 <= args.truncation <= args.steps or not 1 <= args.min_count <= args.buffer_size:
+        die("--truncation must be in [1, --steps], and 1 <= --min-count <= --buffer-size (else no prompt ever has its own statistics)")
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
     for flag, spec in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
@@ -170,14 +170,17 @@ def check_args(args):
 
 
 def load_prompts(args, conditional):
-    """(train, eval) prompts: --prompts, else the reward's task set, and the eval split of that set or --eval-prompts.
-    An unconditional model gets the empty prompt."""
+    """(train, eval) prompts: --prompts, else the reward's task set; for evaluation that set's eval split, or
+    --eval-prompts (a set: its eval split; a file: all of it). An unconditional model gets the empty prompt."""
     if not conditional:
         return [""], [""]
     spec = args.prompts or rewards.TASK_PROMPTS.get(args.reward, "simple_animals")
     try:
         train, held = rewards.prompt_set(spec)
-        return train, rewards.prompt_set(args.eval_prompts)[1] if args.eval_prompts else held
+        if args.eval_prompts:
+            prompts, split = rewards.prompt_set(args.eval_prompts)
+            held = split if args.eval_prompts in rewards.PROMPT_SETS else prompts  # a file: every line of it
+        return train, held
     except (OSError, ValueError) as e:
         die(f"prompts: {e}")
 
@@ -393,13 +396,18 @@ def ppo_clip_loss(log_pf, log_pf_old, advantages, clip_range):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def pipeline_index(model):
+    """The pipeline's model_index.json (which components it has), or one error line."""
+    try:
+        return DiffusionPipeline.load_config(model)
+    except Exception as e:  # noqa: BLE001 -- every hub / filesystem failure means the same thing to the user
+        die(f"cannot load model {model!r} ({e.__class__.__name__}). Offline, download it once elsewhere "
+            f"(huggingface-cli download {model}) and pass --model /path/to/the/local/copy")  # fmt: skip
+
+
 def load_models(args, device):
     """-> SimpleNamespace(unet, vae, text_encoder, tokenizer, scheduler, flow, dtype, ...), LoRA attached."""
-    try:
-        index = DiffusionPipeline.load_config(args.model)
-    except Exception as e:  # noqa: BLE001 -- every hub / filesystem failure means the same thing to the user
-        die(f"cannot load model {args.model!r} ({e.__class__.__name__}). Offline, download it once elsewhere "
-            f"(huggingface-cli download {args.model}) and pass --model /path/to/the/local/copy")  # fmt: skip
+    index = pipeline_index(args.model)
     conditional = "text_encoder" in index
     dtype = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else torch.float32
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
@@ -453,13 +461,18 @@ def count_evaluations(module, kind, counts):
 
 
 def counted(reward_fn, counts):
-    """The reward fn, tallying images scored in counts["reward_fwd"]; keeps its `embed` (for diversity) if any."""
+    """The reward fn, tallying images scored in counts["reward_fwd"], and its image embedding (used for diversity),
+    if it has one, in counts["reward_embed_fwd"]."""
 
     def fn(images, prompts):
         counts["reward_fwd"] += len(images)
         return reward_fn(images, prompts)
 
-    fn.embed = getattr(reward_fn, "embed", None)
+    def embed(images):
+        counts["reward_embed_fwd"] += len(images)
+        return reward_fn.embed(images)
+
+    fn.embed = embed if getattr(reward_fn, "embed", None) is not None else None
     return fn
 
 
@@ -529,7 +542,10 @@ def rollout(m, reward_fn, prompts, args, generator, x0_reward=True):
                               None if text is None else text[i : i + args.train_batch], args.guidance_scale)
                   for i in range(0, B, args.train_batch)]  # fmt: skip
         eps, eps_text = (torch.cat(c) for c in zip(*chunks))
-        r_t = reward_fn(decode(m, predict_x0(m.scheduler, eps_text, t, x), args.decode_chunk), prompts).float() if x0_reward else torch.zeros(B, device=dev)
+        if x0_reward:
+            r_t = reward_fn(decode(m, predict_x0(m.scheduler, eps_text, t, x), args.decode_chunk), prompts).float()
+        else:
+            r_t = torch.zeros(B, device=dev)
         x_prev, log_pf = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
         for k, v in zip(steps, (x, x_prev, t, log_pf, eps, r_t)):
             steps[k].append(v)
@@ -716,8 +732,12 @@ def alignprop_epoch(m, reward_fn, prompts_all, optimizer, args, generators, rank
 # Evaluation (fixed noise, reward, diversity) and cost accounting
 # --------------------------------------------------------------------------------------------------------------------
 
-# GFLOP per sample at SD-1.5 shapes (the project's cost model, from torch.utils.flop_counter); the reward is CLIP-L.
-SD15_GFLOP = {"unet_fwd": 803, "unet_bwd": 910, "vae_decode_fwd": 2515, "reward_fwd": 162, "flow_fwd": 9, "flow_bwd": 18}
+# GFLOP per sample at SD-1.5 shapes (the project's cost model, from torch.utils.flop_counter); the reward is CLIP-L,
+# and an image embedding for diversity is its vision tower, costed the same. Backwards of the VAE and of the reward
+# (AlignProp) have no number here, and diffusers' per-block recomputation under --grad-checkpointing is not seen by
+# the counters (about one more UNet forward per UNet backward): the total is a lower bound in those cases.
+SD15_GFLOP = {"unet_fwd": 803, "unet_bwd": 910, "vae_decode_fwd": 2515, "reward_fwd": 162, "reward_embed_fwd": 162,
+              "flow_fwd": 9, "flow_bwd": 18}  # fmt: skip
 
 
 def cost_record(counts, trajectories):
@@ -850,7 +870,7 @@ def rng_state(generators):
     return {name: g.get_state() for name, g in generators.items()}
 
 
-def save_checkpoint(out, epoch, m, optimizer, generators, rank, history):
+def save_checkpoint(out, epoch, m, optimizer, generators, rank, history, algo):
     """Rank 0 writes OUT/checkpoint-EPOCH atomically (temp dir + rename); every rank's RNG states are included, and
     DDPO's per-prompt reward history (the same on every rank)."""
     states = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
@@ -868,8 +888,8 @@ def save_checkpoint(out, epoch, m, optimizer, generators, rank, history):
             StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora))
         else:
             save_file(lora, tmp / "pytorch_lora_weights.safetensors")  # peft key format (UNet2DModel)
-        state = {"epoch": epoch, "lora": lora, "flow": m.flow and m.flow.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": states, "digests": digests, "ddpo_history": history}  # fmt: skip
+        state = {"epoch": epoch, "algo": algo, "lora": lora, "flow": None if m.flow is None else m.flow.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": states, "digests": digests, "ddpo_history": history}  # fmt: skip
         torch.save(state, tmp / "training_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -890,9 +910,11 @@ def find_checkpoint(out, resume):
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load_checkpoint(path, m, optimizer, generators, rank, history):
+def load_checkpoint(path, m, optimizer, generators, rank, history, algo):
     """Restore LoRA, flow, optimizer, DDPO's history and this rank's RNG streams. -> the number of completed epochs."""
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    if state.get("algo", algo) != algo:
+        die(f"--resume {path}: that run trained with --algo {state['algo']}, not --algo {algo}")
     set_peft_model_state_dict(m.unet, state["lora"])
     if m.flow is not None:
         m.flow.load_state_dict(state["flow"])
@@ -938,16 +960,17 @@ def _train(args, out, rank, world, device):
         reward_fn = rewards.load(args.reward, device)
     except (ImportError, OSError, ValueError) as e:
         die(f"cannot load reward {args.reward!r}: {e}")
+    # the prompt sets too: a set that cannot be fetched should fail before minutes of model loading
+    prompts_all, eval_prompts = load_prompts(args, "text_encoder" in pipeline_index(args.model))
     m = load_models(args, device)
     reward_fn = counted(reward_fn, m.counts)
-    prompts_all, eval_prompts = load_prompts(args, m.conditional)
-    groups = [{"params": m.lora_params, "lr": args.lr}] + ([{"params": m.flow_params, "lr": args.flow_lr}] if m.flow else [])
+    groups = [{"params": m.lora_params, "lr": args.lr}] + ([{"params": m.flow_params, "lr": args.flow_lr}] if m.flow_params else [])
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     broadcast_parameters(m.lora_params + m.flow_params)
     start, history = 0, {}  # history: DDPO's rewards per prompt id
     ckpt = find_checkpoint(out, args.resume) if args.resume else None
     if ckpt is not None:
-        start = load_checkpoint(ckpt, m, optimizer, generators, rank, history)
+        start = load_checkpoint(ckpt, m, optimizer, generators, rank, history, args.algo)
         print0(f"resumed from {ckpt} at epoch {start}")
     elif args.resume:
         print0(f"no checkpoint in {out}: starting at epoch 0")
@@ -959,11 +982,12 @@ def _train(args, out, rank, world, device):
         (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
     per_rank = args.sample_batch * args.num_batches
     n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow_params)
-    print0(f"{'DAG-' if m.flow else ''}{args.algo.upper()} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
+    print0(f"{'DAG-' if m.flow is not None else ''}{args.algo.upper()} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
            f"world {world} | device {device.type} | frozen {m.dtype} | trainable LoRA {n_lora:,} + flow {n_flow:,}\n"
            f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
            f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
-           f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch")  # fmt: skip
+           f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch | evaluation: "
+           f"{len(eval_prompts)} prompts x {args.eval_samples} seeds every {args.eval_every} epochs")  # fmt: skip
     # NOTE: eval mode throughout, training included: neither net has dropout or batch-norm to switch on, and train mode
     # takes other kernels, so the training forward would no longer reproduce the rollout's eps bitwise.
     m.unet.eval()
@@ -1004,7 +1028,7 @@ def _train(args, out, rank, world, device):
             save_grid(out / f"samples-{epoch:04d}.png", *grid)
             plot_curves(out / "curves.png", read_jsonl(out / "log.jsonl"), read_jsonl(out / "eval.jsonl"))
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save_checkpoint(out, epoch + 1, m, optimizer, generators, rank, history)
+            save_checkpoint(out, epoch + 1, m, optimizer, generators, rank, history, args.algo)
     if eval_due(args.epochs):
         log_evaluation(m, reward_fn, eval_prompts, args, out, args.epochs, rank, world)
 

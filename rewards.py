@@ -22,7 +22,9 @@ import csv
 import importlib
 import io
 import json
+import math
 import os
+import pickle
 import re
 import urllib.request
 from pathlib import Path
@@ -123,6 +125,15 @@ def hub_file(repo, filename, what, env=None, repo_type=None):
         raise OSError(f"cannot fetch {what} ({repo}/{filename}: {e.__class__.__name__}); download it once online{hint}") from e
 
 
+def load_weights(module, path, what, convert=lambda state: state):
+    """module.load_state_dict(convert(torch.load(path))) strictly; a file of the wrong kind is one ValueError."""
+    try:
+        module.load_state_dict(convert(torch.load(path, map_location="cpu", weights_only=True)))
+    except (RuntimeError, KeyError, AttributeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not {what} ({e.__class__.__name__}: {str(e)[:160]})") from e
+    return module
+
+
 def rename(state, rules):
     """Map checkpoint keys through (regex, replacement) rules, first match wins; keys no rule matches are dropped."""
     out = {}
@@ -154,9 +165,7 @@ def aesthetic(device="cpu", clip_model="openai/clip-vit-large-patch14", head_pat
     transformers = need("transformers", "transformers")
     head_path = head_path or hub_file(AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILE, "the LAION aesthetic head", "DAG_AESTHETIC_HEAD")
     clip = frozen(transformers.CLIPVisionModelWithProjection.from_pretrained(clip_model), device)
-    head = MLPHead(clip.config.projection_dim)
-    head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
-    head = frozen(head, device)
+    head = frozen(load_weights(MLPHead(clip.config.projection_dim), head_path, "the LAION aesthetic head"), device)
 
     def embed(images):
         return clip(pixel_values=clip_preprocess(images, clip.config.image_size)).image_embeds
@@ -214,8 +223,7 @@ def imagereward(device="cpu", checkpoint=None, tokenizer="bert-base-uncased", co
         "text": transformers.BlipTextModel(text_config, add_pooling_layer=False),
         "head": MLPHead(text_config.hidden_size),
     })  # fmt: skip
-    model.load_state_dict(rename(torch.load(checkpoint, map_location="cpu", weights_only=True), IMAGEREWARD_RENAMES))
-    model = frozen(model, device)
+    model = frozen(load_weights(model, checkpoint, "an ImageReward checkpoint", lambda state: rename(state, IMAGEREWARD_RENAMES)), device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
 
     def vision(images):
@@ -308,9 +316,8 @@ def hpsv2(device="cpu", checkpoint=None, tokenizer="laion/CLIP-ViT-H-14-laion2B-
     `HPS_v2.1_compressed.pt` for v2.1. The tokenizer is OpenCLIP's, i.e. CLIP's BPE with 77 tokens."""
     transformers = need("transformers", "transformers")
     checkpoint = checkpoint or hub_file("xswu/HPSv2", "HPS_v2_compressed.pt", "the HPSv2 checkpoint", "DAG_HPSV2")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = transformers.CLIPModel(config or vit_h14_config())
-    model.load_state_dict(open_clip_to_transformers(state.get("state_dict", state)))
+    load_weights(model, checkpoint, "an HPSv2 checkpoint", lambda state: open_clip_to_transformers(state.get("state_dict", state)))
     return clip_similarity(frozen(model, device), transformers.CLIPTokenizer.from_pretrained(tokenizer), scale=1.0)
 
 
@@ -371,8 +378,8 @@ def cache_dir():
 
 
 def every(prompts, k):
-    """A fixed eval list for a set whose reward ignores the prompt: every k-th prompt, still trained on (the paper
-    trains on all of them and holds none out)."""
+    """(prompts, every k-th prompt): a fixed eval list drawn from the training prompts, which stay trained on (the
+    paper holds none out for these sets; their rewards ignore the prompt)."""
     return prompts, prompts[::k]
 
 
@@ -394,13 +401,24 @@ def drawbench():
             data = urllib.request.urlopen(DRAWBENCH_URL, timeout=60).read()
         except OSError as e:
             raise OSError(f"cannot download DrawBench ({e}); save {DRAWBENCH_URL} as {path}") from e
+        parse_drawbench(data.decode("utf-8", errors="replace"), DRAWBENCH_URL)  # never cache a sign-in page
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every torchrun rank may download: rename atomically
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return parse_drawbench(path.read_text(encoding="utf-8"), path)
+
+
+def parse_drawbench(text, source):
     categories = {}
-    for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
-        categories.setdefault(row["Category"].strip(), []).append(row["Prompts"].strip())
+    for row in csv.DictReader(io.StringIO(text)):
+        if row.get("Prompts") and row.get("Category"):
+            categories.setdefault(row["Category"].strip(), []).append(row["Prompts"].strip())
     kept = [v for k, v in categories.items() if k not in ("Misspellings", "Rare Words")]
-    return [p for v in kept for p in v[2:]], [p for v in kept for p in v[:2]]
+    train, held = [p for v in kept for p in v[2:]], [p for v in kept for p in v[:2]]
+    if not train or not held:
+        raise ValueError(f"{source} is not the DrawBench sheet (no 'Prompts' / 'Category' rows); delete it and retry")
+    return train, held
 
 
 def hpd(*styles):
@@ -432,7 +450,8 @@ TASK_PROMPTS = {  # the paper's prompt set of each task; plug-in rewards default
 
 
 def prompt_set(spec):
-    """(train, eval) prompts of a named set, or of a text file with one prompt per line (eval = the whole file).
+    """(train, eval) prompts of a named set, or of a text file with one prompt per line (eval: at most 16 of its
+    prompts, evenly spaced, still trained on).
 
     Raises ValueError (unknown name, unreadable or empty file) or OSError (a set that cannot be fetched)."""
     if spec in PROMPT_SETS:
@@ -443,4 +462,4 @@ def prompt_set(spec):
         raise ValueError(f"{spec!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a readable file ({e.__class__.__name__})") from e
     if not prompts:
         raise ValueError(f"prompt file {spec!r} holds no prompt")
-    return prompts, prompts
+    return every(prompts, math.ceil(len(prompts) / 16))

@@ -5,6 +5,7 @@ Every model here has random weights built from a config (no downloads): the CIFA
 Diffusion pipeline assembled from configs. Run: `HF_HUB_OFFLINE=1 python -m pytest -q test_dag.py`.
 """
 
+import collections
 import json
 import math
 import re
@@ -507,7 +508,7 @@ def run_script(argv, nproc=None, **kwargs):
 def test_torchrun_two_processes_stay_in_sync(sd_dir, tmp_path):
     (tmp_path / "eval.txt").write_text("cat\na fox\nbee\n")  # 3 prompts x 3 seeds: 5 + 4 (+ 1 pad) per rank
     eval_flags = ["--eval-every", "2", "--eval-prompts", str(tmp_path / "eval.txt"), "--eval-samples", "3"]
-    proc = run_script(cli(sd_dir, tmp_path / "run", "--epochs", "2", "--lr", "1e-2", *eval_flags), nproc=2)
+    proc = run_script(cli(sd_dir, tmp_path / "run", "--epochs", "2", "--lr", "1e-2", "--reward", "test_dag:brightness", *eval_flags), nproc=2)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
     assert "world 2" in output and "global: 8 trajectories/epoch" in output
@@ -523,8 +524,8 @@ def test_torchrun_two_processes_stay_in_sync(sd_dir, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in evals] == [0, 2] and (tmp_path / "eval-0002.png").is_file()
     args, m = load(sd_dir, *eval_flags)  # the same initial weights in one process: the same fixed-noise evaluation
-    record, _ = dag.evaluate(m, dag.counted(rewards.load("jpeg_compressibility"), m.counts), ["cat", "a fox", "bee"], args, 0, 1)
-    assert evals[0]["eval_reward_per_prompt"] == pytest.approx(record["eval_reward_per_prompt"], abs=2e-3)
+    record, _ = dag.evaluate(m, dag.counted(brightness(), m.counts), ["cat", "a fox", "bee"], args, 0, 1)
+    assert evals[0]["eval_reward_per_prompt"] == pytest.approx(record["eval_reward_per_prompt"], abs=1e-5)
 
 
 def test_saved_lora_loads_into_a_fresh_pipeline(sd_dir, tmp_path):
@@ -683,9 +684,30 @@ def test_ddpo_step_favours_trajectories_with_positive_advantage(ddpm_dir, tmp_pa
 
 def test_alignprop_refuses_a_reward_without_gradient(ddpm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        dag.main(cli(ddpm_dir, tmp_path, "--algo", "alignprop"))  # cli's reward: jpeg_compressibility
+        dag.main(cli(ddpm_dir, tmp_path / "a", "--algo", "alignprop"))  # cli's reward: jpeg_compressibility
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "has no gradient" in err and "aesthetic" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:  # a plug-in can only be caught when it returns a detached score
+        dag.main(cli(ddpm_dir, tmp_path / "b", "--algo", "alignprop", "--reward", "test_dag:detached_brightness"))
+    assert exit_info.value.code == 2 and "returned no gradient" in capsys.readouterr().err
+
+
+def detached_brightness(device=None):
+    return lambda images, prompts: images.mean(dim=(1, 2, 3)).detach()
+
+
+def test_ddpo_resume_restores_the_per_prompt_history(ddpm_dir, tmp_path, capsys):
+    dag.main(cli(ddpm_dir, tmp_path / "full", "--algo", "ddpo", "--epochs", "2"))
+    dag.main(cli(ddpm_dir, tmp_path / "cut", "--algo", "ddpo", "--epochs", "1"))
+    dag.main(cli(ddpm_dir, tmp_path / "cut", "--algo", "ddpo", "--epochs", "2", "--resume", "auto"))
+    full, cut = (dag.read_jsonl(tmp_path / name / "log.jsonl") for name in ("full", "cut"))
+    assert [r["epoch"] for r in cut] == [0, 1]
+    assert cut[1]["loss"] == pytest.approx(full[1]["loss"], rel=1e-6, abs=1e-12) and cut[1]["reward_mean"] == full[1]["reward_mean"]
+    history = [torch.load(tmp_path / n / "checkpoint-2" / "training_state.pt", weights_only=False)["ddpo_history"] for n in ("full", "cut")]
+    assert history[0] == history[1] and len(history[0][0]) == 8
+    with pytest.raises(SystemExit) as exit_info:  # the DDPO checkpoint cannot continue as a DAG run
+        dag.main(cli(ddpm_dir, tmp_path / "cut", "--algo", "db", "--epochs", "3", "--resume", "auto"))
+    assert exit_info.value.code == 2 and "trained with --algo ddpo" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -753,8 +775,10 @@ def test_diversity_is_zero_for_identical_samples_and_grows_with_spread():
         return images.mean(dim=(1, 2, 3))
 
     with_embedding.embed = lambda images: images.flatten(1)[:, :5] * 7  # a reward model's image embedding
-    features = dag.image_features(dag.counted(with_embedding, {}), torch.rand(2, 3, 4, 4, generator=generator(35)))
+    counts = collections.Counter()
+    features = dag.image_features(dag.counted(with_embedding, counts), torch.rand(2, 3, 4, 4, generator=generator(35)))
     assert features.shape == (2, 5) and torch.allclose(features.norm(dim=-1), torch.ones(2))
+    assert counts == {"reward_embed_fwd": 2}  # the embedding is a reward-model evaluation too: counted
 
 
 def test_grad_checkpointing_gives_the_same_gradients(sd_dir, monkeypatch):
@@ -782,7 +806,7 @@ def test_grad_checkpointing_gives_the_same_gradients(sd_dir, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_dark_rewards_match_an_independent_pil_computation():
+def test_jpeg_rewards_match_an_independent_pil_computation():
     import io
 
     import numpy as np
@@ -1050,6 +1074,20 @@ def test_pickscore_equals_the_clip_logits(tmp_path):
     assert fn.embed(images).shape == (2, 16)
 
 
+def test_a_weights_file_of_the_wrong_kind_is_a_value_error(tmp_path):
+    from transformers import CLIPConfig
+
+    torch.save({"state_dict": {"foo": torch.zeros(2)}}, tmp_path / "wrong.pt")
+    config = CLIPConfig(text_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2),
+                        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=16, patch_size=8), projection_dim=4)  # fmt: skip
+    with pytest.raises(ValueError, match="is not an HPSv2 checkpoint"):
+        rewards.hpsv2("cpu", checkpoint=str(tmp_path / "wrong.pt"), config=config)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is not the LAION aesthetic head"):
+        rewards.load_weights(rewards.MLPHead(), tmp_path / "text.pt", "the LAION aesthetic head")
+
+
 def test_missing_package_and_missing_weights_are_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     for name in ("aesthetic", "imagereward", "hpsv2", "pickscore"):
@@ -1078,6 +1116,7 @@ def test_prompt_sets_and_their_eval_splits(monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setenv("DAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     train, held = rewards.prompt_set("hpd_photo_painting")
     assert held == hpd["photo"][:10] + hpd["paintings"][:10] and train == hpd["photo"][10:] + hpd["paintings"][10:]
     assert len(rewards.prompt_set("hpd")[0]) == 4 * 2
@@ -1095,16 +1134,23 @@ def test_prompt_sets_and_their_eval_splits(monkeypatch, tmp_path):
         csv.writer(f).writerows([("Prompts", "Category")] + [(p, c) for c, p in rows])
     train, held = rewards.prompt_set("drawbench")
     assert held == ["color 0", "color 1", "marcus 0", "marcus 1"] and train == ["color 2", "color 3", "marcus 2"]
+    (tmp_path / "cache" / "drawbench.csv").write_text("<html>Sign in</html>\n")  # what a failed download can leave
+    with pytest.raises(ValueError, match="is not the DrawBench sheet"):
+        rewards.prompt_set("drawbench")
 
     assert set(rewards.TASK_PROMPTS) == set(rewards.REWARDS) and set(rewards.TASK_PROMPTS.values()) <= set(rewards.PROMPT_SETS)
     (tmp_path / "mine.txt").write_text("a red fox\n\n  an owl  \n")
     assert rewards.prompt_set(str(tmp_path / "mine.txt")) == (["a red fox", "an owl"], ["a red fox", "an owl"])
+    (tmp_path / "many.txt").write_text("".join(f"prompt {i}\n" for i in range(100)))
+    train, held = rewards.prompt_set(str(tmp_path / "many.txt"))  # a long file: at most 16 eval prompts
+    assert len(train) == 100 and held == train[::7] and len(held) == 15
     with pytest.raises(ValueError, match="neither a prompt set"):
         rewards.prompt_set("no_such_set")
 
 
 def test_a_set_that_cannot_be_fetched_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAG_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = dag.parse_args(["--reward", "imagereward"])  # -> DrawBench: not cached, and offline
     with pytest.raises(SystemExit) as exit_info:
         dag.load_prompts(args, conditional=True)
