@@ -157,7 +157,8 @@ def check_args(args):
         die(f"--algo alignprop backpropagates through the reward, and {args.reward!r} has no gradient: use one of "
             f"{', '.join(sorted(rewards.DIFFERENTIABLE))} (or a differentiable module:function)")  # fmt: skip
     if not 1 <= args.truncation <= args.steps or not 1 <= args.min_count <= args.buffer_size:
-        die("--truncation must be in [1, --steps], and 1 <= --min-count <= --buffer-size (else no prompt ever has its own statistics)")
+        die("--truncation must be in [1, --steps], and 1 <= --min-count <= --buffer-size (else no prompt ever gets "
+            "its own statistics)")
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
     for flag, spec in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
@@ -814,8 +815,9 @@ def evaluate(m, reward_fn, prompts, args, rank, world):
     if rank != 0:
         return None, None
     per_prompt = scores.view(len(prompts), k).mean(1)
+    space = "reward embedding" if getattr(reward_fn, "embed", None) is not None else "pixels 32x32"
     record = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item(),
-              "diversity": diversity(features, k), "diversity_space": "reward embedding" if getattr(reward_fn, "embed", None) else "pixels 32x32",
+              "diversity": diversity(features, k), "diversity_space": space,
               "eval_reward_per_prompt": [round(v, 5) for v in per_prompt.tolist()], **cost_record(m.counts, per_rank)}  # fmt: skip
     return record, (images.float().cpu() / 255, [f"seed {s}: {prompts[p]}" for p, s in pairs], scores.tolist())
 
@@ -837,7 +839,8 @@ def plot_curves(path, log, evals):
         xs, ys = zip(*points)
         x_lo, x_hi, y_lo, y_hi = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
         y_lo, y_hi = (y_lo - 0.5, y_hi + 0.5) if y_hi == y_lo else (y_lo, y_hi)
-        xy = [(left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)) for x, y in points]
+        xy = [(left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+              for x, y in points]  # data -> pixel coordinates
         if len(xy) > 1:
             draw.line(xy, fill="steelblue", width=2)
         for x, y in xy:
@@ -964,7 +967,9 @@ def _train(args, out, rank, world, device):
     prompts_all, eval_prompts = load_prompts(args, "text_encoder" in pipeline_index(args.model))
     m = load_models(args, device)
     reward_fn = counted(reward_fn, m.counts)
-    groups = [{"params": m.lora_params, "lr": args.lr}] + ([{"params": m.flow_params, "lr": args.flow_lr}] if m.flow_params else [])
+    groups = [{"params": m.lora_params, "lr": args.lr}]
+    if m.flow_params:
+        groups.append({"params": m.flow_params, "lr": args.flow_lr})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     broadcast_parameters(m.lora_params + m.flow_params)
     start, history = 0, {}  # history: DDPO's rewards per prompt id
@@ -982,7 +987,8 @@ def _train(args, out, rank, world, device):
         (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
     per_rank = args.sample_batch * args.num_batches
     n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow_params)
-    print0(f"{'DAG-' if m.flow is not None else ''}{args.algo.upper()} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
+    name = f"DAG-{args.algo.upper()}" if m.flow is not None else args.algo.upper()
+    print0(f"{name} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
            f"world {world} | device {device.type} | frozen {m.dtype} | trainable LoRA {n_lora:,} + flow {n_flow:,}\n"
            f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
            f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
@@ -1010,7 +1016,8 @@ def _train(args, out, rank, world, device):
             t1 = time.time()
             all_rewards = gather(traj["reward"])
             if args.algo == "ddpo":  # advantages from the rewards and prompts of ALL ranks, then this rank's slice
-                advantages = per_prompt_advantages(all_rewards, gather(traj["prompt_idx"]), history, args.min_count, args.buffer_size)
+                ids = gather(traj["prompt_idx"])
+                advantages = per_prompt_advantages(all_rewards, ids, history, args.min_count, args.buffer_size)
                 traj["advantage"] = advantages.clamp(-args.adv_clip, args.adv_clip).view(world, -1)[rank]
             traj = shuffle_transitions(traj, generators["cpu"])  # rebinding frees the unshuffled copy
             stats = train_epoch(m, traj, optimizer, beta, args, rank)
@@ -1043,7 +1050,8 @@ def log_evaluation(m, reward_fn, prompts, args, out, epoch, rank, world):
     record, grid = evaluate(m, reward_fn, prompts, args, rank, world)
     if rank == 0:
         record = {"epoch": epoch, **record, "eval_s": time.time() - t0}
-        print(f"eval {epoch} | " + " | ".join(f"{k} {record[k]:.4g}" for k in ("eval_reward_mean", "eval_reward_std", "diversity", "eval_s")), flush=True)
+        keys = ("eval_reward_mean", "eval_reward_std", "diversity", "eval_s")
+        print(f"eval {epoch} | " + " | ".join(f"{k} {record[k]:.4g}" for k in keys), flush=True)
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         save_grid(out / f"eval-{epoch:04d}.png", *grid, cols=args.eval_samples)
