@@ -988,12 +988,12 @@ def _train(args, out, rank, world, device):
     per_rank = args.sample_batch * args.num_batches
     n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow_params)
     name = f"DAG-{args.algo.upper()}" if m.flow is not None else args.algo.upper()
+    evaluation = f"{len(eval_prompts)} prompts x {args.eval_samples} seeds every {args.eval_every} epochs" if args.eval_every else "off"
     print0(f"{name} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
            f"world {world} | device {device.type} | frozen {m.dtype} | trainable LoRA {n_lora:,} + flow {n_flow:,}\n"
            f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
            f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
-           f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch | evaluation: "
-           f"{len(eval_prompts)} prompts x {args.eval_samples} seeds every {args.eval_every} epochs")  # fmt: skip
+           f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch | evaluation: {evaluation}")  # fmt: skip
     # NOTE: eval mode throughout, training included: neither net has dropout or batch-norm to switch on, and train mode
     # takes other kernels, so the training forward would no longer reproduce the rollout's eps bitwise.
     m.unet.eval()
@@ -1028,6 +1028,8 @@ def _train(args, out, rank, world, device):
                   "rollout_s": t1 - t0, "train_s": t2 - t1, "traj_per_s": per_rank * world / (t2 - t0),
                   "transitions_per_s": per_rank * world * args.steps / (t2 - t0), "peak_mem_gb": peak_memory_gb(device),
                   **cost_record(m.counts, per_rank)}  # fmt: skip
+        if m.flow is None:
+            del record["reward_exp"]  # the baselines have no reward temperature
         if rank == 0:
             print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS if k in record), flush=True)  # everything else: log.jsonl
             with open(out / "log.jsonl", "a") as f:
