@@ -161,29 +161,22 @@ def check_args(args):
             "its own statistics)")
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
-    for flag, spec in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
-        if spec and spec not in rewards.PROMPT_SETS:  # a file: check it now, not after the model loads
-            try:
-                rewards.prompt_set(spec)
-            except ValueError as e:
-                die(f"{flag}: {e}")
     args.flow_lr = args.lr if args.flow_lr is None else args.flow_lr
 
 
 def load_prompts(args, conditional):
     """(train, eval) prompts: --prompts, else the reward's task set; for evaluation that set's eval split, or
-    --eval-prompts (a set: its eval split; a file: all of it). An unconditional model gets the empty prompt."""
-    if not conditional:
-        return [""], [""]
-    spec = args.prompts or rewards.TASK_PROMPTS.get(args.reward, "simple_animals")
+    --eval-prompts (a set: its eval split; a file: all of it). An unconditional model gets the empty prompt (given
+    flags are still checked, the task's default set is not fetched)."""
+    spec = args.prompts or (rewards.TASK_PROMPTS.get(args.reward, "simple_animals") if conditional else None)
     try:
-        train, held = rewards.prompt_set(spec)
+        train, held = rewards.prompt_set(spec) if spec else ([""], [""])
         if args.eval_prompts:
             prompts, split = rewards.prompt_set(args.eval_prompts)
             held = split if args.eval_prompts in rewards.PROMPT_SETS else prompts  # a file: every line of it
-        return train, held
     except (OSError, ValueError) as e:
         die(f"prompts: {e}")
+    return (train, held) if conditional else ([""], [""])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -406,9 +399,9 @@ def pipeline_index(model):
             f"(huggingface-cli download {model}) and pass --model /path/to/the/local/copy")  # fmt: skip
 
 
-def load_models(args, device):
+def load_models(args, device, index=None):
     """-> SimpleNamespace(unet, vae, text_encoder, tokenizer, scheduler, flow, dtype, ...), LoRA attached."""
-    index = pipeline_index(args.model)
+    index = index or pipeline_index(args.model)
     conditional = "text_encoder" in index
     dtype = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else torch.float32
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
@@ -559,6 +552,25 @@ def rollout(m, reward_fn, prompts, args, generator, x0_reward=True):
     return traj
 
 
+def denoise(m, prompts, x, args, noise=None, generator=None, grad_steps=0):
+    """x_T -> x_0 with the policy alone (no per-state reward, nothing stored), for evaluation and AlignProp.
+
+    Step j's variance noise is noise[:, j] if given, else drawn from `generator`. The last `grad_steps` steps keep the
+    graph, each UNet call under gradient checkpointing (its activations are recomputed in the backward)."""
+    text = encode_prompts(m, prompts) if m.conditional else None
+    N = len(m.scheduler.timesteps)
+    for j, t_scalar in enumerate(m.scheduler.timesteps):
+        t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and j >= N - grad_steps):
+            if torch.is_grad_enabled():
+                eps = checkpoint(lambda x_, t_=t: predict_eps(m, x_, t_, text, args.guidance_scale)[0], x, use_reentrant=False)
+            else:
+                eps, _ = predict_eps(m, x, t, text, args.guidance_scale)
+            step_noise = None if noise is None else noise[:, j]
+            x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator, noise=step_noise)
+    return x
+
+
 def sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch):
     """num_batches rollouts of sample_batch trajectories, each with its own random prompts.
 
@@ -566,7 +578,7 @@ def sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch):
     parts, grid = [], None
     for _ in tqdm(range(args.num_batches), desc=f"epoch {epoch} sample", disable=rank != 0, leave=False):
         idx = torch.randint(len(prompts_all), (args.sample_batch,), generator=generators["cpu"])
-        prompts = [prompts_all[i] for i in idx] if m.conditional else [""] * args.sample_batch
+        prompts = [prompts_all[i] for i in idx]  # [""] for an unconditional model
         part = rollout(m, reward_fn, prompts, args, generators["noise"], x0_reward=args.algo != "ddpo")
         part["prompt_idx"] = idx.to(m.device)  # (B,), DDPO's per-prompt statistics
         images = part.pop("images")
@@ -692,17 +704,8 @@ def alignprop_loss(m, reward_fn, prompts, args, generator):
 
     The first N - K steps run without grad; the last K = --truncation steps and the decode keep the graph, each under
     gradient checkpointing (activations recomputed in the backward). -> (loss (B,), reward (B,) detached, images)."""
-    text = encode_prompts(m, prompts) if m.conditional else None
-    x = torch.randn((len(prompts), *m.latent_shape), generator=generator, device=m.device)
-    N = len(m.scheduler.timesteps)
-    for i, t_scalar in enumerate(m.scheduler.timesteps):
-        t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
-        with torch.set_grad_enabled(i >= N - args.truncation):
-            if torch.is_grad_enabled():
-                eps = checkpoint(lambda x_, t_=t: predict_eps(m, x_, t_, text, args.guidance_scale)[0], x, use_reentrant=False)
-            else:
-                eps, _ = predict_eps(m, x, t, text, args.guidance_scale)
-            x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
+    x_T = torch.randn((len(prompts), *m.latent_shape), generator=generator, device=m.device)
+    x = denoise(m, prompts, x_T, args, generator=generator, grad_steps=args.truncation)
     images = checkpoint(decode, m, x, args.decode_chunk, use_reentrant=False)
     reward = reward_fn(images, prompts).float()
     if not reward.requires_grad:
@@ -717,8 +720,7 @@ def alignprop_epoch(m, reward_fn, prompts_all, optimizer, args, generators, rank
     -> (rewards of this epoch's samples (all ranks), grid material, stats)."""
     per_rank, scores, losses, grid = args.sample_batch * args.num_batches, [], [], None
     for k in tqdm(range(per_rank // args.train_batch), desc="alignprop", disable=rank != 0, leave=False):
-        idx = torch.randint(len(prompts_all), (args.train_batch,), generator=generators["cpu"])
-        prompts = [prompts_all[i] for i in idx] if m.conditional else [""] * args.train_batch
+        prompts = [prompts_all[i] for i in torch.randint(len(prompts_all), (args.train_batch,), generator=generators["cpu"])]
         loss, reward, images = alignprop_loss(m, reward_fn, prompts, args, generators["noise"])
         (loss.mean() / args.grad_accum).backward()
         if (k + 1) % args.grad_accum == 0:
@@ -758,14 +760,8 @@ def peak_memory_gb(device):
 @torch.no_grad()
 def sample_images(m, prompts, noise, args):
     """Images of the current policy from given noise (B, N + 1, C, H, W): noise[:, 0] is x_T and noise[:, j + 1] the
-    variance noise of step j. No per-state reward and nothing stored: this is the sampler alone."""
-    text = encode_prompts(m, prompts) if m.conditional else None
-    x = noise[:, 0]
-    for j, t_scalar in enumerate(m.scheduler.timesteps):
-        t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
-        eps, _ = predict_eps(m, x, t, text, args.guidance_scale)
-        x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, noise=noise[:, j + 1])
-    return decode(m, x, args.decode_chunk)
+    variance noise of step j."""
+    return decode(m, denoise(m, prompts, noise[:, 0], args, noise=noise[:, 1:]), args.decode_chunk)
 
 
 def eval_noise(m, k, steps):
@@ -959,13 +955,14 @@ def _train(args, out, rank, world, device):
     # CRUCIAL: a different seed per rank for prompts, noise and shuffling, or every GPU draws the same samples
     generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank),
                   "cpu": torch.Generator().manual_seed(args.seed + rank)}  # fmt: skip
-    try:  # before the diffusion model, so that a mistake in --reward fails in seconds
+    # prompts and reward before the diffusion model, so that a mistake in either fails in seconds
+    index = pipeline_index(args.model)
+    prompts_all, eval_prompts = load_prompts(args, "text_encoder" in index)
+    try:
         reward_fn = rewards.load(args.reward, device)
     except (ImportError, OSError, ValueError) as e:
         die(f"cannot load reward {args.reward!r}: {e}")
-    # the prompt sets too: a set that cannot be fetched should fail before minutes of model loading
-    prompts_all, eval_prompts = load_prompts(args, "text_encoder" in pipeline_index(args.model))
-    m = load_models(args, device)
+    m = load_models(args, device, index)
     reward_fn = counted(reward_fn, m.counts)
     groups = [{"params": m.lora_params, "lr": args.lr}]
     if m.flow_params:

@@ -72,23 +72,34 @@ def save_ddpm(path, unet_config):
     return str(path)
 
 
+def toy_clip_tokenizer(path):
+    """A CLIP BPE tokenizer over single letters; <|endoftext|> gets the largest id, as in CLIP (open_clip pools there
+    with argmax(ids))."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "!": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 def save_tiny_sd(path):
     """A Stable Diffusion pipeline of the real classes at toy sizes: 16x16 images, 8x8x4 latents, 32-wide text."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in letters:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (path / "toy_tok").mkdir(parents=True)
-    (path / "toy_tok" / "vocab.json").write_text(json.dumps(vocab))
-    (path / "toy_tok" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "toy_tok" / "vocab.json"), str(path / "toy_tok" / "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+    tokenizer = toy_clip_tokenizer(path / "toy_tok")
+    eos = len(tokenizer) - 1
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
                                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))  # fmt: skip
+                                                bos_token_id=0, eos_token_id=eos, pad_token_id=eos))  # fmt: skip
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -875,23 +886,6 @@ def test_aesthetic_reward_device_preprocessing_matches_pil(tmp_path):
         emb = clip(pixel_values=pil).image_embeds
         reference = head(emb / emb.norm(dim=-1, keepdim=True))
     torch.testing.assert_close(scores.detach(), reference, atol=0.02, rtol=0)
-
-
-def toy_clip_tokenizer(path):
-    """A CLIP BPE tokenizer over single letters; <|endoftext|> gets the largest id, as in CLIP (open_clip pools there
-    with argmax(ids))."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "!": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    vocab["<|endoftext|>"] = len(vocab)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
-    tokenizer.save_pretrained(path)
-    return tokenizer
 
 
 def randn_state(shapes, seed):
