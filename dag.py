@@ -1,39 +1,45 @@
 """DAG: Diffusion Alignment with GFlowNets, in one file.
 
-DAG post-trains a diffusion model against a black-box reward R(x0). The N-step DDIM sampler is read as a GFlowNet:
-states are (x_t, t, prompt), the forward policy p_theta(x_prev | x_t) is one stochastic DDIM step (the LoRA-adapted
-UNet), the backward policy is the fixed noising kernel q(x_t | x_prev), and a small flow network F_phi(x_t, t, c)
-is trained jointly so that the flows balance along every transition; at the balance point the sampler draws x0 with
-probability proportional to R(x0) = exp(reward_exp * r(x0)) times the base model's density.
+DAG post-trains a diffusion model against a black-box reward r(x0). The N-step DDIM sampler is read as a GFlowNet:
+a state is (x_t, t, prompt), the forward policy p_theta(x_prev | x_t) is one stochastic DDIM step of the LoRA-adapted
+UNet, the backward policy p_B is the fixed noising kernel q(x_t | x_prev), and a small flow network F_phi(x_t, t, c)
+is trained with the policy so that the flows balance on every transition (detailed balance, DB).
+
+What the balance point is. With the fixed p_B = q and the terminal boundary F(x0) = R(x0), a zero DB residual on
+every transition makes the sampler draw x0 with probability proportional to R(x0) (times a broad envelope from
+q(x_T | x0)); the base model's density does NOT appear (q carries no data). Here log-probs are means over the
+D = C*H*W dimensions (as in the release), which makes the DB zero that of summed log-probs with log R = D * beta * r:
+the fixed point is proportional to exp(D * beta * r(x0)), D = 16384 for SD latents, i.e. essentially the reward's
+maximisers. What keeps samples close to the base model in practice is the LoRA starting at the base, the unetreg pull
+toward the previous rollout policy, and a short run (200 optimizer steps in the paper's setting), not the fixed point.
 
 Paper: Zhang, Zhang, Gu, Zhang, Susskind, Jaitly, Zhai, "Improving GFlowNets for Text-to-Image Diffusion Alignment",
-arXiv 2406.00633v3 (TMLR 2025). Authors' release: apple/ml-diffusion-alignment-gflownet.
+arXiv 2406.00633v3 (TMLR 2025). Authors' release: apple/ml-diffusion-alignment-gflownet (commit 12c5952, cited below
+as file:line).
 
-Objectives, per transition s = (x_t, t) -> s' = (x_prev, t - Delta) of a stored rollout:
+Per transition s = (x_t, t) -> s' = (x_prev, t_prev) of a stored rollout (beta = reward_exp, the inverse temperature):
 
-    log F(s)    = F_phi(x_t, t, c) + reward_exp * r(decode(x0_pred(x_t)))      forward-looking flow
-    log F(x0)   = reward_exp * r(x0)                                           terminal boundary
+    log F(s)    = F_phi(x_t, t, c) + beta * r(decode(x0_pred(x_t)))      forward-looking flow (no gradient to theta)
+    log F(x0)   = beta * r(x0)                                           terminal boundary
     residual    = log F(s) + log p_theta(x_prev | x_t) - log p_B(x_t | x_prev) - log F(s')
-    DAG-DB      : residual**2                                                  (--algo db, default)
-    DAG-KL      : flow loss (residual with p_theta detached)**2 for phi, plus for theta a PPO-clipped REINFORCE
-                  term with advantage -residual (leave-one-out baseline, normalised, clipped)   (--algo kl)
+    DAG-DB      : residual**2                                            (--algo db, default)
+    DAG-KL      : residual**2 with log p_theta detached (trains phi), plus kl_coef * a PPO-clipped REINFORCE term with
+                  advantage -residual (leave-one-out baseline, normalised, clipped) that trains theta   (--algo kl)
     both        : + unetreg * mean((eps_theta - eps_rollout)**2), a proximal pull toward the rollout policy
 
-For comparison, two baselines run on the same sampler, rewards, evaluation and checkpoints (section "Baselines"):
-DDPO (--algo ddpo: PPO on terminal rewards standardised per prompt) and AlignProp (--algo alignprop: backpropagate
--r(x0) through the last K denoising steps). Every run also evaluates the policy on held-out prompts with fixed noise
-(reward and a diversity metric) and counts the network evaluations it spends per trajectory.
+Reading order: the DAG path (DDIM log-probs, flow network, objectives, the model calls it needs, rollout, one training
+step, the epoch) comes first; the harness (command line, distributed helpers, model loading, evaluation and cost
+accounting, checkpoints, the DDPO and AlignProp baselines, main) follows under its own banners.
 
-Where this file deliberately differs from the paper or the release (each is marked NOTE: at the code):
-  * log-probs are MEANS over the D = C*H*W dimensions (the release's logp_mean=True). DB with mean log-probs,
-    exponent reward_exp and flow F equals DB with summed log-probs, exponent D*reward_exp and flow D*F, divided by D**2;
-    every published hyperparameter was tuned for the mean.
-  * the x0_pred reward of each state is computed ONCE at rollout, from the text-branch epsilon that the CFG forward
-    already produced, and stored. The release recomputes it twice per transition in the training loop (100 extra
-    UNet forwards, VAE decodes and reward calls per trajectory). Any fixed g(x_t) added to a free F_phi leaves the DB
-    fixed point unchanged, as long as both ends of a transition use the same g, which they do here.
-  * every rank has its own seed (seed + rank); the release seeds all GPUs identically, so they draw the same samples.
-  * the flow network returns (B,) for every B (the release's .squeeze() returns a scalar at B = 1).
+Where this file deliberately differs from the paper or the release (each is tagged NOTE: at the code):
+  * the x0_pred reward of each state is computed ONCE, at rollout, from the text-branch epsilon of the CFG forward;
+    the release recomputes it twice per transition in the training loop (scripts/train_gfn.py:530-543). Any fixed
+    g(x_t) added to a free F_phi leaves the DB fixed point unchanged when both ends of a transition use the same g.
+  * every rank has its own seed (seed + rank); the release seeds every rank with the same seed (train_gfn.py:83).
+  * the flow network returns (B,) for every B; the release's .squeeze() returns a 0-d tensor at B = 1 (flow.py:170).
+  * with --no-cfg the rollout stores the text-only eps and log-prob that the training forward recomputes; the release
+    compares a text-only training output with the stored post-CFG one (train_gfn.py:506-513).
+  * the CIFAR-10 DDPM's scheduler is rebuilt with steps_offset=1 (its own config has a zero-variance last step).
 
 Usage:
     torchrun --nproc_per_node=8 dag.py --reward aesthetic       # the paper's aesthetic run (SD-1.5, 100 epochs)
@@ -42,13 +48,14 @@ Usage:
         --sample-batch 8 --num-batches 1 --train-batch 4 --grad-accum 2 --epochs 4     # CPU toy run
     torchrun --nproc_per_node=8 dag.py --reward aesthetic --algo ddpo    # the same run with the DDPO baseline
 
-Shapes: B batch, N denoising steps, C/H/W channels/height/width of a latent (SD: 4x64x64) or pixel image (3x32x32),
-L = 77 text tokens, E = 768 text width.
+Shapes: B trajectories, N denoising steps, C/H/W channels/height/width of a latent (SD: 4x64x64) or of a pixel image
+(3x32x32), L = 77 text tokens, E = 768 text width.
 """
 
 import argparse
 import collections
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -59,7 +66,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -78,56 +84,561 @@ from tqdm import tqdm
 
 import rewards
 
+# ====================================================================================================================
+# THE DAG PATH
+# ====================================================================================================================
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDIM transition log-probabilities (DDIM, Song et al. 2021, Eq. 12 with sigma_t = eta * sigma)
+# Self-contained: copy this section with torch, math and diffusers' DDIMScheduler. A copier must also take the three
+# conventions it relies on: the model predicts epsilon (v-prediction is converted by `model_output_to_eps`), the
+# log-probs are MEANS over dimensions, and the schedule is built with steps_offset=1 (`ddim_scheduler`).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def ddim_scheduler(config, steps):
+    """A DDIMScheduler from any diffusers scheduler config, set to `steps` inference steps.
+
+    NOTE: "leading" spacing with steps_offset=1 gives t = 981, 961, ..., 1 (N = 50) for SD and CIFAR alike; the CIFAR
+    DDPM's own config (offset 0, set_alpha_to_one) ends with t_prev = t = 0, a zero-variance step whose log-prob is
+    0/0. clip_sample and prediction_type are kept from the config (CIFAR: clip on; SD: off)."""
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def alphas_at(scheduler, t, like):
+    """alpha_bar_t and alpha_bar_{t_prev}, t_prev = max(t - Delta, 0), shaped (B, 1, 1, 1) like `like`."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(like.device)  # float32 (T_train,)
+    delta = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    a_t = alphas_cumprod[t].view(shape).to(like.dtype)
+    a_prev = alphas_cumprod[(t - delta).clamp(min=0)].view(shape).to(like.dtype)
+    return a_t, a_prev
+
+
+def gaussian_logprob(x, mean, std):
+    """log N(x; mean, std^2 I) -> (B,).
+
+    NOTE: the MEAN over non-batch dims, not the sum (the release's logp_mean=True, ddim_with_logprob.py:201-203). DB
+    with mean log-probs, exponent beta and flow F equals DB with summed log-probs, exponent D*beta and flow D*F,
+    divided by D**2; every published hyperparameter was tuned for the mean."""
+    logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.mean(dim=tuple(range(1, x.ndim)))
+
+
+def model_output_to_eps(scheduler, output, t, x_t):
+    """The UNet's output as an epsilon prediction: unchanged for "epsilon" models (SD-1.x, the CIFAR DDPM); for
+    "v_prediction" models (SD-2.x 768) eps = sqrt(a_t) v + sqrt(1 - a_t) x_t. Other types raise ValueError."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    if kind == "v_prediction":
+        a_t, _ = alphas_at(scheduler, t, x_t)
+        return a_t.sqrt() * output + (1 - a_t).sqrt() * x_t
+    raise ValueError(f"prediction_type {kind!r} is not supported (only 'epsilon' and 'v_prediction')")
+
+
+def predict_x0(scheduler, eps, t, x_t):
+    """Tweedie estimate x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), no clamp."""
+    a_t, _ = alphas_at(scheduler, t, x_t)
+    return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
+def ddim_step_logprob(scheduler, eps, t, x_t, eta=1.0, x_prev=None, generator=None, noise=None):
+    """One DDIM step p_theta(x_prev | x_t) = N(mu, s_t^2 I); samples x_prev = mu + s_t * noise when x_prev is None
+    (noise drawn from `generator` unless given). -> (x_prev, log_pf (B,)).
+
+        x0   = predict_x0(eps), clamped iff scheduler.config.clip_sample
+        s_t  = eta * sqrt((1 - a') / (1 - a_t) * (1 - a_t / a'))
+        mu   = sqrt(a') x0 + sqrt(1 - a' - s_t^2) eps                (a = alpha_bar, a' at t_prev)
+    """
+    a_t, a_prev = alphas_at(scheduler, t, x_t)
+    x0 = predict_x0(scheduler, eps, t, x_t)
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    if not bool((std > 0).all()):
+        raise ValueError("DDIM step with zero std (t_prev == t): build the scheduler with steps_offset=1")
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    if x_prev is None:
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        x_prev = mean + std * noise
+    return x_prev, gaussian_logprob(x_prev, mean, std)
+
+
+def backward_logprob(scheduler, t, x_t, x_prev):
+    """log p_B(x_t | x_prev) = log N(x_t; sqrt(a_t / a') x_prev, (1 - a_t / a') I), mean over dims; no gradient."""
+    x_t, x_prev = x_t.detach(), x_prev.detach()
+    a_t, a_prev = alphas_at(scheduler, t, x_t)
+    ratio = a_t / a_prev
+    return gaussian_logprob(x_t, ratio.sqrt() * x_prev, (1 - ratio).sqrt())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Flow network F_phi(x_t, t, c) -> (B,) (release: ConditionalFlow, alignment/flow.py). Copy with diffusers' blocks.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FlowNet(nn.Module):
+    """Time-conditioned conv encoder with cross-attention to the prompt, pooled to one scalar per state.
+
+    timestep -> sinusoid(64) -> MLP(256); conv_in 3x3 -> 4 down blocks (channels 64, 128, 256, 256, each halves H and
+    W; the first three cross-attend to the L x E text states when `cross_attention_dim` is set) -> mean over all
+    spatial positions -> Linear(256, 1). The release pools with a fixed AvgPool2d(4) (flow.py:135), which fits 64x64
+    latents only; the global mean is the same there and also works for 32x32 or 8x8 pixels."""
+
+    def __init__(self, in_channels=4, cross_attention_dim=768, channels=(64, 128, 256, 256)):
+        super().__init__()
+        self.time_proj = Timesteps(64, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(64, 256)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for i, (c_in, c_out) in enumerate(zip(channels[:1] + channels[:-1], channels)):
+            attend = cross_attention_dim is not None and i < len(channels) - 1
+            self.blocks.append(get_down_block(
+                "CrossAttnDownBlock2D" if attend else "DownBlock2D", num_layers=1, in_channels=c_in,
+                out_channels=c_out, temb_channels=256, add_downsample=True, resnet_eps=1e-5, resnet_act_fn="silu",
+                resnet_groups=32, cross_attention_dim=cross_attention_dim, num_attention_heads=8,
+                attention_head_dim=8, downsample_padding=1,
+            ))  # fmt: skip
+        self.head = nn.Linear(channels[-1], 1)
+
+    def forward(self, x_t, t, text=None):
+        temb = self.time_embedding(self.time_proj(t).to(x_t.dtype))  # (B, 256)
+        h = self.conv_in(x_t)
+        for block in self.blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(h, temb, encoder_hidden_states=text)
+            else:
+                h, _ = block(h, temb)
+        return self.head(h.mean(dim=(2, 3))).squeeze(-1)  # NOTE: (B, C) -> (B,), also for B = 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DAG objectives. Pure functions of (B,) tensors (log_flows: of a flow module and a batch), copyable alone.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
+    """beta_e = reward_exp * min(1, e / (num_epochs / 2)), linear over the first half (train_gfn.py:252-256).
+
+    At e = 0 beta is 0: the flow learns without the reward, and theta still gets the DB gradient toward a sampler
+    whose flows balance with log R = 0."""
+    if not anneal:
+        return float(reward_exp)
+    return float(reward_exp) * min(1.0, epoch / (0.5 * num_epochs))
+
+
+def log_flows(flow, batch, reward_exp):
+    """Forward-looking log-flows of both ends of each transition (state j -> state j + 1) -> two (b,) tensors.
+
+        log F(state j)  = F_phi(x_t, t, c) + reward_exp * r(x0_pred(state j))          (SPEC 2; no grad to theta)
+        log F(x_0)      = reward_exp * r(x_0)                                           terminal boundary
+
+    The rollout scored every state once: batch.x0_pred_reward[:, j] is r(decode(x0_pred)) of state j (b, N), and
+    batch.reward is r(x_0) of the final image. So the child's reward term is the column one to the right of the
+    parent's (the child of step j is the state that step j + 1 starts from), and the child of the last step is x_0
+    itself, where x0_pred = x_0 and the flow is pinned to the reward.
+    NOTE: at that boundary F_phi is not used (the release's end_mask, train_gfn.py:545-546)."""
+    text = None if batch.text is None else batch.text.float()
+    n = batch.x0_pred_reward.shape[1]
+    r = torch.cat([batch.x0_pred_reward, batch.reward[:, None]], dim=1)  # (b, N + 1): r of every state, x_0 last
+    r_parent = r.gather(1, batch.step[:, None]).squeeze(1)
+    r_child = r.gather(1, batch.step[:, None] + 1).squeeze(1)
+    log_flow = flow(batch.x_t, batch.t, text) + reward_exp * r_parent
+    at_x0 = batch.step == n - 1
+    log_flow_prev = reward_exp * r_child + torch.where(at_x0, 0.0, flow(batch.x_prev, batch.t_prev, text))
+    return log_flow, log_flow_prev
+
+
+def db_loss(log_flow, log_pf, log_pb, log_flow_prev):
+    """DAG-DB, detailed balance: (log F(s) + log p_theta(s'|s) - log p_B(s|s') - log F(s'))^2 -> (B,)."""
+    return (log_flow + log_pf - log_pb - log_flow_prev) ** 2
+
+
+def leave_one_out_advantages(a, adv_clip_max=5.0, eps=1e-8):
+    """The release's leave-one-out normalisation of a (n,) (train_gfn.py:559-565), clipped to +-adv_clip_max:
+
+        d_i = a_i - mean_{k != i} a_k              (each sample's own leave-one-out baseline)
+        v_i = mean_{k != i} d_k^2                  (the other samples' squared deviations, each with its own baseline)
+        A_i = clamp(d_i / (sqrt(v_i) + eps))"""
+    n = a.numel()
+    if n < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 samples per batch (--train-batch >= 2)")
+    d = a - (a.sum() - a) / (n - 1)
+    var = ((d**2).sum() - d**2) / (n - 1)
+    return (d / (var.sqrt() + eps)).clamp(-adv_clip_max, adv_clip_max)
+
+
+def ppo_clip_loss(log_pf, log_pf_rollout, advantages, clip_range):
+    """PPO's clipped surrogate (Schulman et al. 2017), per sample: max(-A r, -A clip(r, 1 - c, 1 + c)) with the ratio
+    r = p_theta / p_theta_rollout of the stored transition; its gradient is exactly 0 where the clip is active."""
+    ratio = torch.exp(log_pf - log_pf_rollout)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+
+
+def kl_loss(log_flow, log_pf, log_pf_rollout, log_pb, log_flow_prev, clip_range=1e-4, adv_clip_max=5.0):
+    """DAG-KL, the release's form of the paper's KL gradient (train_gfn.py:552-577) -> (loss_flow, loss_policy), (B,).
+
+    loss_flow trains phi only: the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped
+    REINFORCE step with advantage a = -residual. NOTE: per sample grad_theta residual^2 / 2 = residual *
+    grad_theta log p_theta, so this is DAG-DB's theta-gradient plus a baseline, normalisation, clipping and a ratio."""
+    loss_flow = (log_flow + log_pf.detach() - log_pb - log_flow_prev) ** 2
+    advantages = leave_one_out_advantages((log_flow_prev + log_pb - log_pf - log_flow).detach(), adv_clip_max)
+    return loss_flow, ppo_clip_loss(log_pf, log_pf_rollout, advantages, clip_range)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The models, as the DAG path calls them (loading is in the harness, `load_models`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Models:
+    """The networks of one run. Only the LoRA weights of `unet` and the flow are trainable."""
+
+    unet: nn.Module  # the policy's epsilon (or v) network: frozen base weights + LoRA
+    scheduler: DDIMScheduler  # the N-step DDIM schedule (timesteps, alphas_cumprod)
+    flow: nn.Module | None  # F_phi; None for the baselines
+    latent_shape: tuple  # (C, H, W) of a state
+    device: torch.device
+    dtype: torch.dtype  # of the frozen weights: bf16 on CUDA by default, else fp32
+    vae: nn.Module | None = None  # latent -> image; None for a pixel-space model
+    text_encoder: nn.Module | None = None  # None for an unconditional model
+    tokenizer: object = None
+    uncond: torch.Tensor | None = None  # (1, L, E) text states of "", CFG's negative prompt
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # evaluations, for cost
+
+    @property
+    def conditional(self):
+        return self.text_encoder is not None
+
+    @property
+    def lora_params(self):
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @property
+    def flow_params(self):
+        return [] if self.flow is None else list(self.flow.parameters())
+
+
+@torch.no_grad()
+def encode_prompts(m, prompts):
+    """CLIP last hidden state (B, L, E), not pooled."""
+    ids = m.tokenizer(prompts, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids  # fmt: skip
+    return m.text_encoder(ids.to(m.device))[0]
+
+
+def autocast(m):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if m.dtype == torch.bfloat16 else contextlib.nullcontext()
+
+
+def predict_eps(m, x_t, t, text, guidance):
+    """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u); guidance=None: eps_c only.
+
+    The same function runs at rollout and in the training forward, so an unchanged theta reproduces the rollout's
+    log-probs exactly (the DAG-KL ratio is 1 until the first optimizer step)."""
+    x = x_t.to(m.dtype)
+    with autocast(m):
+        if not m.conditional or guidance is None:
+            text_kwargs = {"encoder_hidden_states": text} if m.conditional else {}
+            eps = model_output_to_eps(m.scheduler, m.unet(x, t, **text_kwargs).sample.float(), t, x_t)
+            return eps, eps
+        uncond = m.uncond.expand(len(x), -1, -1)
+        out = m.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, text])).sample
+    eps_u, eps_c = (model_output_to_eps(m.scheduler, o, t, x_t) for o in out.float().chunk(2))
+    return eps_u + guidance * (eps_c - eps_u), eps_c
+
+
+def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
+    """predict_eps on `chunk` rows at a time.
+
+    NOTE: the rollout calls the UNet with train_batch rows, as the training forward does: kernels depend on the batch
+    size, and equal shapes make an unchanged theta reproduce eps bitwise (DAG-KL ratio exactly 1, unetreg exactly 0)."""
+    parts = [predict_eps(m, x_t[i : i + chunk], t[i : i + chunk], None if text is None else text[i : i + chunk],
+                         guidance) for i in range(0, len(x_t), chunk)]  # fmt: skip
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def decode(m, x0, chunk):
+    """Latent (or pixel) x0 -> RGB in [0, 1], fp32; VAE decodes `chunk` images at a time. Differentiable when the
+    caller enables grad (AlignProp); the rollout and evaluation call it under no_grad."""
+    if m.vae is not None:
+        with autocast(m):
+            x0 = torch.cat([m.vae.decode(c.to(m.dtype) / m.vae.config.scaling_factor).sample.float()
+                            for c in x0.split(chunk)])  # fmt: skip
+    return (x0 / 2 + 0.5).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rollout: sample trajectories with the current policy and store what training needs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Rollout:
+    """B trajectories x_T -> x_0 of N DDIM steps, stored as chains of N + 1 states: step j goes from state j to
+    state j + 1, and state N is the final x_0. Fields marked "or None" are not filled by the DDPO baseline."""
+
+    states: torch.Tensor  # (B, N + 1, C, H, W) fp32, exactly as sampled (so the KL ratio recomputes bitwise)
+    timesteps: torch.Tensor  # (N + 1,) long: the DDPM timestep of each state, 0 for x_0
+    log_pf_rollout: torch.Tensor  # (B, N) log p_theta_rollout(state j + 1 | state j), mean over dims
+    eps_rollout: torch.Tensor | None  # (B, N, C, H, W) the guided eps of step j at rollout: unetreg's target
+    x0_pred_reward: torch.Tensor | None  # (B, N) raw r(decode(x0_pred(state j))), text branch, no CFG
+    reward: torch.Tensor  # (B,) raw r(x_0) of the final image
+    text: torch.Tensor | None  # (B, L, E) prompt states; None for an unconditional model
+
+    def transitions(self, rows, steps):
+        """One transition per trajectory: step steps[i] of trajectory rows[i] (each (b,) long)."""
+        pick = lambda v: None if v is None else v[rows, steps]  # noqa: E731 -- per-step fields
+        return Transitions(
+            rows=rows, step=steps, x_t=self.states[rows, steps], x_prev=self.states[rows, steps + 1],
+            t=self.timesteps[steps], t_prev=self.timesteps[steps + 1],
+            text=None if self.text is None else self.text[rows],
+            log_pf_rollout=pick(self.log_pf_rollout), eps_rollout=pick(self.eps_rollout),
+            x0_pred_reward=None if self.x0_pred_reward is None else self.x0_pred_reward[rows], reward=self.reward[rows],
+        )  # fmt: skip
+
+    @staticmethod
+    def cat(parts):
+        """Concatenate rollouts of the same schedule along the trajectory axis."""
+        join = lambda vs: None if vs[0] is None else torch.cat(vs)  # noqa: E731
+        fields = {f.name: join([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Rollout)
+                  if f.name != "timesteps"}  # fmt: skip
+        return Rollout(**fields, timesteps=parts[0].timesteps)
+
+
+@dataclasses.dataclass
+class Transitions:
+    """A training micro-batch: one transition (state j -> state j + 1) of each of b trajectories, j = step[i]."""
+
+    rows: torch.Tensor  # (b,) which trajectories of the rollout
+    step: torch.Tensor  # (b,) j, the transition's position in its trajectory
+    x_t: torch.Tensor  # (b, C, H, W) state j
+    x_prev: torch.Tensor  # (b, C, H, W) state j + 1, the child (diffusers' prev_sample)
+    t: torch.Tensor  # (b,) timestep of x_t
+    t_prev: torch.Tensor  # (b,) timestep of x_prev = max(t - Delta, 0)
+    text: torch.Tensor | None  # (b, L, E)
+    log_pf_rollout: torch.Tensor  # (b,)
+    eps_rollout: torch.Tensor | None  # (b, C, H, W)
+    x0_pred_reward: torch.Tensor | None  # (b, N): every state's x0_pred reward, for both ends (see log_flows)
+    reward: torch.Tensor  # (b,) r(x_0)
+
+
+def draw_prompts(prompts, n, generator):
+    """n prompts drawn uniformly with replacement -> (indices (n,), prompts list)."""
+    idx = torch.randint(len(prompts), (n,), generator=generator)
+    return idx, [prompts[i] for i in idx]
+
+
+def policy_step(m, x, t, text, args, generator):
+    """One sampling step of the rollout policy (CFG with --guidance-scale), UNet in train_batch chunks.
+
+    -> (x_prev, log_pf, eps, eps_text): log_pf and eps are those the training forward will recompute. NOTE: with
+    --no-cfg that forward is text-only, so both are re-taken from a text-only forward of the same x_prev (one more
+    UNet call per step); the release compares a text-only training output with the post-CFG rollout one."""
+    eps, eps_text = predict_eps_chunked(m, x, t, text, args.guidance_scale, args.train_batch)
+    x_prev, log_pf = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
+    if not args.cfg and m.conditional:
+        eps, _ = predict_eps_chunked(m, x, t, text, None, args.train_batch)
+        _, log_pf = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, x_prev=x_prev)
+    return x_prev, log_pf, eps, eps_text
+
+
+@torch.no_grad()
+def rollout(m, reward_fn, prompts, args, generator):
+    """Sample B = len(prompts) trajectories of N DDIM steps -> (Rollout, images (B, 3, H, W) in [0, 1]).
+
+    NOTE: the x0_pred reward of each state, the forward-looking term of its log-flow, is computed here once, from the
+    text-branch eps that the CFG forward already produced (SPEC 2). The release recomputes it in the training loop,
+    twice per transition (train_gfn.py:530-543): 100 more UNet forwards, VAE decodes and reward calls per trajectory."""
+    B = len(prompts)
+    text = encode_prompts(m, prompts) if m.conditional else None
+    x = torch.randn((B, *m.latent_shape), generator=generator, device=m.device)
+    states, log_pfs, epss, x0_rewards = [x], [], [], []
+    for t_scalar in m.scheduler.timesteps:
+        x_t, t = states[-1], torch.full((B,), int(t_scalar), device=m.device, dtype=torch.long)
+        x_prev, log_pf, eps, eps_text = policy_step(m, x_t, t, text, args, generator)
+        x0_pred = decode(m, predict_x0(m.scheduler, eps_text, t, x_t), args.decode_chunk)
+        x0_rewards.append(reward_fn(x0_pred, prompts).float())
+        states.append(x_prev)
+        log_pfs.append(log_pf)
+        epss.append(eps)
+    images = decode(m, states[-1], args.decode_chunk)
+    timesteps = torch.cat([m.scheduler.timesteps, torch.zeros(1, dtype=torch.long)]).to(m.device)
+    ro = Rollout(states=torch.stack(states, 1), timesteps=timesteps, log_pf_rollout=torch.stack(log_pfs, 1),
+                 eps_rollout=torch.stack(epss, 1), x0_pred_reward=torch.stack(x0_rewards, 1),
+                 reward=reward_fn(images, prompts).float(), text=text)  # fmt: skip
+    return ro, images
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One training step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def policy_logprob(m, batch, args):
+    """The training forward: log p_theta(x_prev | x_t) (b,) of the stored transitions under the current LoRA, with
+    the eps it used. NOTE: CFG in the training forward too (the release's cfg=True), unless --no-cfg."""
+    eps, _ = predict_eps(m, batch.x_t, batch.t, batch.text, args.guidance_scale if args.cfg else None)
+    _, log_pf = ddim_step_logprob(m.scheduler, eps, batch.t, batch.x_t, args.eta, x_prev=batch.x_prev)
+    return log_pf, eps
+
+
+def dag_loss(m, batch, reward_exp, args):
+    """DAG-DB or DAG-KL loss (b,) of one micro-batch of transitions, + detached stats (tensors: no GPU sync)."""
+    log_pf, eps = policy_logprob(m, batch, args)
+    log_pb = backward_logprob(m.scheduler, batch.t, batch.x_t, batch.x_prev)
+    log_flow, log_flow_prev = log_flows(m.flow, batch, reward_exp)
+    if args.algo == "db":
+        loss = db_loss(log_flow, log_pf, log_pb, log_flow_prev)
+    else:
+        loss_flow, loss_policy = kl_loss(log_flow, log_pf, batch.log_pf_rollout, log_pb, log_flow_prev,
+                                         args.clip_range, args.adv_clip)  # fmt: skip
+        loss = loss_flow + args.kl_coef * loss_policy
+    unetreg = ((eps - batch.eps_rollout) ** 2).mean(dim=tuple(range(1, eps.ndim)))  # SPEC 5, coefficient --unetreg
+    loss = loss + args.unetreg * unetreg
+    stats = {"loss": loss, "log_pf": log_pf, "log_flow": log_flow, "unetreg": unetreg}
+    return loss, {k: v.detach().mean() for k, v in stats.items()}
+
+
+def optimizer_step(m, optimizer, args):
+    """Average gradients over ranks, clip LoRA and flow separately (max norm --max-grad-norm), step."""
+    average_gradients(m.lora_params + m.flow_params)
+    for params in (m.lora_params, m.flow_params):
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def transition_order(B, N, generator):
+    """SPEC 6: shuffle the trajectories, and permute the N transitions of EACH trajectory independently.
+
+    -> (order (B,): trajectory of each row, perm (B, N): perm[i, j] is the step trained at pass j of trajectory i)."""
+    order = torch.randperm(B, generator=generator)
+    perm = torch.argsort(torch.rand(B, N, generator=generator), dim=1)
+    return order, perm
+
+
+def train_epoch(m, ro, optimizer, loss_fn, args, generator, rank=0):
+    """One pass over a rollout: for each micro-batch of train_batch trajectories, for j in 0..N-1, backward
+    loss_fn(one permuted transition of each).mean() / (grad_accum * N); an optimizer step every grad_accum
+    micro-batches. -> mean stats over the epoch and all ranks (dict of floats)."""
+    B, N = ro.log_pf_rollout.shape
+    order, perm = (v.to(m.device) for v in transition_order(B, N, generator))
+    stats, micro_batches = [], range(0, B, args.train_batch)
+    for k, i in enumerate(tqdm(micro_batches, desc="train", disable=rank != 0, leave=False)):
+        rows = order[i : i + args.train_batch]
+        for j in range(N):
+            loss, s = loss_fn(ro.transitions(rows, perm[rows, j]))
+            (loss.mean() / (args.grad_accum * N)).backward()
+            stats.append(s)
+        if (k + 1) % args.grad_accum == 0:
+            optimizer_step(m, optimizer, args)
+    local = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0, keepdim=True)  # (1, n_stats)
+    return dict(zip(stats[0], gather(local).mean(0).tolist()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The epoch: rollout, then one pass of training on it
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def dag_epoch(m, reward_fn, prompts, optimizer, epoch, args, generators, rank=0):
+    """One DAG epoch: num_batches rollouts of sample_batch trajectories (each with random prompts), then train_epoch
+    with the DB or KL loss at this epoch's beta. -> (rewards (B,) of this rank, grid material, stats)."""
+    reward_exp = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
+    t0 = time.time()
+    parts, grid = [], None
+    for _ in tqdm(range(args.num_batches), desc=f"epoch {epoch} sample", disable=rank != 0, leave=False):
+        _, batch_prompts = draw_prompts(prompts, args.sample_batch, generators["cpu"])
+        ro, images = rollout(m, reward_fn, batch_prompts, args, generators["noise"])
+        grid = grid or (images[:16].cpu(), batch_prompts[:16], ro.reward[:16].tolist())
+        parts.append(ro)
+    ro = Rollout.cat(parts)
+    t1 = time.time()
+    stats = train_epoch(m, ro, optimizer, lambda batch: dag_loss(m, batch, reward_exp, args), args,
+                        generators["cpu"], rank)  # fmt: skip
+    return ro.reward, grid, {"reward_exp": reward_exp, **stats, "rollout_s": t1 - t0, "train_s": time.time() - t1}
+
+
+# ====================================================================================================================
+# THE HARNESS
+# ====================================================================================================================
+
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
 
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/stable-diffusion-v1-5 was deleted from the hub
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DAG (DB / KL) post-training of a diffusion model against a reward.")
-    # Model
-    p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or local diffusers directory; a UNet2DModel pipeline (e.g. google/ddpm-cifar10-32) runs unconditionally in pixel space")
-    p.add_argument("--reward", default="aesthetic", help=f"one of {', '.join(rewards.REWARDS)}, or module:function")
-    p.add_argument("--prompts", default=None, help=f"prompt set ({', '.join(rewards.PROMPT_SETS)}) or a file with one prompt per line; default: the reward's task set (rewards.TASK_PROMPTS)")
-    p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank r (alpha = r) on to_q, to_k, to_v, to_out.0")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="dtype of the frozen weights on CUDA (LoRA and flow stay fp32; always fp32 on CPU)")
-    # Sampling
-    p.add_argument("--steps", type=int, default=50, help="N, DDIM inference steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta in (0, 1]; > 0 so that p_theta has a density")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance w (negative prompt '')")
-    p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True, help="CFG in the training forward too (release: cfg); --no-cfg trains the text branch, off-policy w.r.t. the CFG rollout")
-    p.add_argument("--sample-batch", type=int, default=16, help="trajectories per rollout batch, per process")
-    p.add_argument("--num-batches", type=int, default=4, help="rollout batches per epoch, per process")
-    p.add_argument("--decode-chunk", type=int, default=16, help="images per VAE decode call (bounds memory)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations in the backward (less memory, more time)")
-    # DAG objective
-    p.add_argument("--algo", choices=["db", "kl", "ddpo", "alignprop"], default="db", help="DAG-DB (detailed balance), DAG-KL, or a baseline: DDPO (PPO on terminal rewards), AlignProp (reward backpropagation)")
-    p.add_argument("--reward-exp", type=float, default=100.0, help="reward temperature: log R = reward_exp * r (release: reward_exp)")
-    p.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True, help="ramp reward_exp linearly from 0 over the first half of training")
-    p.add_argument("--kl-coef", type=float, default=1.0, help="weight of the policy term in DAG-KL (release: klpf)")
-    p.add_argument("--unetreg", type=float, default=1.0, help="weight of mean((eps - eps_rollout)^2)")
-    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip in DAG-KL and DDPO")
-    p.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip in DAG-KL and DDPO (release: adv_clip_max)")
-    # Baselines
-    p.add_argument("--min-count", type=int, default=16, help="DDPO: rewards of a prompt seen before its own mean/std replace the batch's")
-    p.add_argument("--buffer-size", type=int, default=16, help="DDPO: last rewards kept per prompt for its mean/std")
-    p.add_argument("--truncation", type=int, default=1, help="AlignProp: K, the last denoising steps the reward gradient flows through")
-    # Optimisation
-    p.add_argument("--epochs", type=int, default=100, help="number of rollout + training rounds")
-    p.add_argument("--train-batch", type=int, default=8, help="trajectories per training micro-batch, per process")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA weights")
-    p.add_argument("--flow-lr", type=float, default=None, help="learning rate of the flow network (default: --lr)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clip, applied to LoRA and flow separately")
-    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
-    # IO
-    p.add_argument("--out", default="runs/dag", help="run directory: args.json, log.jsonl, grids, checkpoints")
-    p.add_argument("--save-every", type=int, default=10, help="checkpoint every k epochs (and at the end)")
-    p.add_argument("--eval-every", type=int, default=10, help="evaluate before epoch 0, every k epochs and at the end; 0: never")
-    p.add_argument("--eval-prompts", default=None, help="prompt set or file for evaluation (default: the eval split of --prompts' set)")
-    p.add_argument("--eval-samples", type=int, default=4, help="k samples per eval prompt, from k fixed noise seeds (>= 2, for diversity)")
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
+    """Defaults are the paper's aesthetic run (the release's config/sd.yaml, SPEC 8) unless a help text says why."""
+    p = argparse.ArgumentParser(description="DAG (DB / KL) post-training of a diffusion model against a reward, with "
+                                "the DDPO and AlignProp baselines on the same loop.",
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30))
+    g = p.add_argument_group("model and task")
+    g.add_argument("--model", default=SD15, help="hub id or local diffusers directory; an unconditional UNet2DModel "
+                   "pipeline (e.g. google/ddpm-cifar10-32) runs in pixel space without text")
+    g.add_argument("--reward", default="aesthetic", help=f"{', '.join(rewards.REWARDS)}, or module:factory")
+    g.add_argument("--prompts", default=None, help=f"prompt set ({', '.join(rewards.PROMPT_SETS)}) or a file, one "
+                   "prompt per line; default: the reward's task set")
+    g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank r, alpha = r, on to_q, to_k, to_v, to_out.0")
+    g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="frozen weights on CUDA (LoRA and flow stay fp32; always fp32 on CPU)")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=50, help="N, DDIM inference steps")
+    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta in (0, 1]; > 0 so that p_theta has a density")
+    g.add_argument("--guidance-scale", type=float, default=5.0, help="CFG weight w (negative prompt '')")
+    g.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True,
+                   help="CFG in the training forward too (release: cfg); --no-cfg trains the text-only policy")
+    g.add_argument("--sample-batch", type=int, default=16, help="trajectories per rollout batch, per process")
+    g.add_argument("--num-batches", type=int, default=4, help="rollout batches per epoch, per process")
+    g.add_argument("--decode-chunk", type=int, default=16, help="images per VAE decode call (bounds memory)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations in the backward")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--algo", choices=["db", "kl", "ddpo", "alignprop"], default="db",
+                   help="DAG-DB, DAG-KL, or a baseline: DDPO (PPO on terminal rewards), AlignProp (reward backprop)")
+    g.add_argument("--reward-exp", type=float, default=100.0, help="beta, inverse temperature: log R = beta * r")
+    g.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True,
+                   help="ramp beta linearly from 0 over the first half of the epochs")
+    g.add_argument("--kl-coef", type=float, default=None,
+                   help="DAG-KL's policy-term weight (release: klpf); default: the final --reward-exp, as in the paper")
+    g.add_argument("--unetreg", type=float, default=1.0, help="weight of mean((eps - eps_rollout)^2)")
+    g.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip, DAG-KL and DDPO")
+    g.add_argument("--adv-clip", type=float, default=5.0, help="advantage clip, DAG-KL, DDPO (release: adv_clip_max)")
+
+    g = p.add_argument_group("baselines")
+    g.add_argument("--min-count", type=int, default=16, help="DDPO: rewards a prompt needs before its own mean/std")
+    g.add_argument("--buffer-size", type=int, default=32,
+                   help="DDPO: last rewards kept per prompt (32: DDPO's aesthetic config)")
+    g.add_argument("--truncation", type=int, default=1,
+                   help="AlignProp: K, the last steps the reward gradient flows through (fixed K, see README)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="rollout + training rounds")
+    g.add_argument("--train-batch", type=int, default=8, help="trajectories per training micro-batch, per process")
+    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA weights")
+    g.add_argument("--flow-lr", type=float, default=None, help="learning rate of the flow network (default: --lr)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clip, LoRA and flow separately")
+    g.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out", default="runs/dag", help="run directory: args.json, log.jsonl, grids, checkpoints")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every k epochs and at the end")
+    g.add_argument("--eval-every", type=int, default=10, help="evaluate at epoch 0, every k epochs, at the end; 0: off")
+    g.add_argument("--eval-prompts", default=None, help="set or file to evaluate on (default: --prompts' eval split)")
+    g.add_argument("--eval-samples", type=int, default=4, help="k fixed noise seeds per eval prompt (>= 2, diversity)")
+    g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
     return p.parse_args(argv)
 
 
@@ -138,19 +649,21 @@ def die(message):
 
 
 def check_args(args):
-    """Validate flag values and the batch arithmetic before anything heavy is loaded."""
+    """Validate flag values and the batch arithmetic before anything heavy is loaded; fill derived defaults."""
     if args.reward not in rewards.REWARDS and ":" not in args.reward:
         die(f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function")
     if not 0 < args.eta <= 1:
         die("--eta must be in (0, 1]: eta = 0 is deterministic (no log-probability), eta > 1 has no DDIM mean")
-    for name in ("steps", "epochs", "sample_batch", "num_batches", "train_batch", "grad_accum", "save_every", "decode_chunk"):
+    for name in ("steps", "epochs", "sample_batch", "num_batches", "train_batch", "grad_accum", "save_every",
+                 "decode_chunk"):  # fmt: skip
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1")
     if args.sample_batch % args.train_batch:
         die(f"--sample-batch {args.sample_batch} is not divisible by --train-batch {args.train_batch}")
     micro_batches = args.sample_batch * args.num_batches // args.train_batch
     if micro_batches % args.grad_accum:
-        die(f"{micro_batches} micro-batches per epoch (sample-batch*num-batches/train-batch) are not divisible by --grad-accum {args.grad_accum}")
+        die(f"{micro_batches} micro-batches per epoch (sample-batch*num-batches/train-batch) are not divisible by "
+            f"--grad-accum {args.grad_accum}")  # fmt: skip
     if args.eval_every < 0 or args.eval_samples < 2:
         die("--eval-every must be >= 0 and --eval-samples >= 2 (diversity compares samples of the same prompt)")
     if args.algo == "alignprop" and ":" not in args.reward and args.reward not in rewards.DIFFERENTIABLE:
@@ -162,6 +675,8 @@ def check_args(args):
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
     args.flow_lr = args.lr if args.flow_lr is None else args.flow_lr
+    # "For DAG-KL, we put the final beta coefficient on the KL gradient term" (the paper's training details)
+    args.kl_coef = args.reward_exp if args.kl_coef is None else args.kl_coef
 
 
 def load_prompts(args, conditional):
@@ -225,7 +740,7 @@ def parameter_digest(params):
 
 
 def gather(tensor):
-    """Concatenate a (B, ...) tensor from every rank (for logging)."""
+    """Concatenate a (B, ...) tensor from every rank."""
     if not dist.is_initialized():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
@@ -234,173 +749,26 @@ def gather(tensor):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# DDIM transition log-probabilities (DDIM, Song et al. 2021, Eq. 12 with sigma_t = eta * sigma)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def ddim_scheduler(config, steps):
-    """A DDIMScheduler from any diffusers scheduler config, set to `steps` inference steps.
-
-    NOTE: "leading" spacing with steps_offset=1 gives t = 981, 961, ..., 1 (N = 50) for SD and CIFAR alike; the CIFAR
-    DDPM's own config (offset 0, set_alpha_to_one) ends with t_prev = t = 0, a zero-variance step whose log-prob is
-    0/0. clip_sample is kept from the config (CIFAR: on, SD: off)."""
-    scheduler = DDIMScheduler.from_config(config, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-def _alphas(scheduler, t, like):
-    """alpha_bar_t and alpha_bar_{t_prev}, t_prev = max(t - Delta, 0), shaped (B, 1, 1, 1) like `like`."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(like.device)  # float32 (T_train,)
-    delta = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    shape = (-1,) + (1,) * (like.ndim - 1)
-    a_t = alphas_cumprod[t].view(shape).to(like.dtype)
-    a_prev = alphas_cumprod[(t - delta).clamp(min=0)].view(shape).to(like.dtype)
-    return a_t, a_prev
-
-
-def _gaussian_logprob(x, mean, std):
-    """log N(x; mean, std^2 I), MEAN over non-batch dims -> (B,)."""
-    logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return logp.mean(dim=tuple(range(1, x.ndim)))
-
-
-def predict_x0(scheduler, eps, t, x_t):
-    """Tweedie estimate x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), no clamp."""
-    a_t, _ = _alphas(scheduler, t, x_t)
-    return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-
-
-def ddim_step_logprob(scheduler, eps, t, x_t, eta=1.0, x_prev=None, generator=None, noise=None):
-    """One DDIM step p_theta(x_prev | x_t) = N(mu, s_t^2 I); samples x_prev = mu + s_t * noise when x_prev is None
-    (noise drawn from `generator` unless given). -> (x_prev, log_pf (B,)).
-
-        x0   = predict_x0(eps), clamped iff scheduler.config.clip_sample
-        s_t  = eta * sqrt((1 - a') / (1 - a_t) * (1 - a_t / a'))
-        mu   = sqrt(a') x0 + sqrt(1 - a' - s_t^2) eps                (a = alpha_bar, a' at t_prev)
-    """
-    a_t, a_prev = _alphas(scheduler, t, x_t)
-    x0 = predict_x0(scheduler, eps, t, x_t)
-    if scheduler.config.clip_sample:
-        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    if not bool((std > 0).all()):
-        raise ValueError("DDIM step with zero std (t_prev == t): build the scheduler with steps_offset=1")
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
-    if x_prev is None:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype) if noise is None else noise
-        x_prev = mean + std * noise
-    return x_prev, _gaussian_logprob(x_prev, mean, std)
-
-
-def backward_logprob(scheduler, t, x_t, x_prev):
-    """log p_B(x_t | x_prev) = log N(x_t; sqrt(a_t / a') x_prev, (1 - a_t / a') I), mean over dims; no gradient."""
-    x_t, x_prev = x_t.detach(), x_prev.detach()
-    a_t, a_prev = _alphas(scheduler, t, x_t)
-    ratio = a_t / a_prev
-    return _gaussian_logprob(x_t, ratio.sqrt() * x_prev, (1 - ratio).sqrt())
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Flow network F_phi(x_t, t, c) -> (B,) (release: ConditionalFlow)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class FlowNet(nn.Module):
-    """Time-conditioned conv encoder with cross-attention to the prompt, pooled to one scalar per state.
-
-    timestep -> sinusoid(64) -> MLP(256); conv_in 3x3 -> 4 down blocks (channels 64, 128, 256, 256, each halves H and
-    W; the first three cross-attend to the L x E text states when `cross_attention_dim` is set) -> global average
-    pool -> Linear(256, 1). Adaptive pooling makes it work for 64x64 latents and 32x32 pixels alike."""
-
-    def __init__(self, in_channels=4, cross_attention_dim=768, channels=(64, 128, 256, 256)):
-        super().__init__()
-        self.time_proj = Timesteps(64, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(64, 256)
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-        self.blocks = nn.ModuleList()
-        for i, (c_in, c_out) in enumerate(zip(channels[:1] + channels[:-1], channels)):
-            attend = cross_attention_dim is not None and i < len(channels) - 1
-            self.blocks.append(get_down_block(
-                "CrossAttnDownBlock2D" if attend else "DownBlock2D", num_layers=1, in_channels=c_in,
-                out_channels=c_out, temb_channels=256, add_downsample=True, resnet_eps=1e-5, resnet_act_fn="silu",
-                resnet_groups=32, cross_attention_dim=cross_attention_dim, num_attention_heads=8,
-                attention_head_dim=8, downsample_padding=1,
-            ))  # fmt: skip
-        self.head = nn.Linear(channels[-1], 1)
-
-    def forward(self, x_t, t, text=None):
-        temb = self.time_embedding(self.time_proj(t).to(x_t.dtype))  # (B, 256)
-        h = self.conv_in(x_t)
-        for block in self.blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(h, temb, encoder_hidden_states=text)
-            else:
-                h, _ = block(h, temb)
-        return self.head(h.mean(dim=(2, 3))).squeeze(-1)  # (B, C) -> (B,), also for B = 1
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# DAG objectives
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
-    """beta_e = reward_exp * min(1, e / (num_epochs / 2)): epoch 0 trains flow consistency only (beta = 0)."""
-    if not anneal:
-        return float(reward_exp)
-    return float(reward_exp) * min(1.0, epoch / (0.5 * num_epochs))
-
-
-def db_loss(log_flow, log_pf, log_pb, log_flow_prev):
-    """DAG-DB, detailed balance: (log F(s) + log p_theta(s'|s) - log p_B(s|s') - log F(s'))^2 -> (B,)."""
-    return (log_flow + log_pf - log_pb - log_flow_prev) ** 2
-
-
-def leave_one_out_advantages(a, adv_clip_max=5.0, eps=1e-8):
-    """Normalise a (n,) with each sample's baseline and variance computed from the OTHER n - 1 samples, clip."""
-    n = a.numel()
-    if n < 2:
-        raise ValueError("the leave-one-out baseline needs at least 2 samples per batch (--train-batch >= 2)")
-    d = a - (a.sum() - a) / (n - 1)  # a_i - mean_{k != i} a_k
-    var = ((d**2).sum() - d**2) / (n - 1)
-    return (d / (var.sqrt() + eps)).clamp(-adv_clip_max, adv_clip_max)
-
-
-def kl_loss(log_flow, log_pf, log_pf_old, log_pb, log_flow_prev, clip_range=1e-4, adv_clip_max=5.0):
-    """DAG-KL, the release's form of the paper's KL gradient -> (loss_flow (B,), loss_policy (B,)).
-
-    loss_flow trains phi only: the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped
-    REINFORCE step with advantage a = -residual (NOTE: per sample grad_theta residual^2 / 2 = residual *
-    grad_theta log p_theta, so this is DAG-DB's theta-gradient plus a baseline, normalisation, clipping and a ratio)."""
-    loss_flow = (log_flow + log_pf.detach() - log_pb - log_flow_prev) ** 2
-    advantages = leave_one_out_advantages((log_flow_prev + log_pb - log_pf - log_flow).detach(), adv_clip_max)
-    return loss_flow, ppo_clip_loss(log_pf, log_pf_old, advantages, clip_range)
-
-
-def ppo_clip_loss(log_pf, log_pf_old, advantages, clip_range):
-    """PPO's clipped surrogate (Schulman et al. 2017), per sample: max(-A r, -A clip(r, 1 - c, 1 + c)) with the ratio
-    r = p_theta / p_theta_old of the stored rollout; its gradient is exactly 0 where the clip is active."""
-    ratio = torch.exp(log_pf - log_pf_old)
-    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Models: loading, the guided epsilon, decoding
+# Model loading and evaluation counting
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def pipeline_index(model):
-    """The pipeline's model_index.json (which components it has), or one error line."""
+    """The pipeline's model_index.json (which components it has), once its scheduler's prediction type is known to
+    be supported; or one error line."""
     try:
-        return DiffusionPipeline.load_config(model)
+        index = DiffusionPipeline.load_config(model)
+        prediction = DDIMScheduler.load_config(model, subfolder="scheduler").get("prediction_type", "epsilon")
     except Exception as e:  # noqa: BLE001 -- every hub / filesystem failure means the same thing to the user
         die(f"cannot load model {model!r} ({e.__class__.__name__}). Offline, download it once elsewhere "
             f"(huggingface-cli download {model}) and pass --model /path/to/the/local/copy")  # fmt: skip
+    if prediction not in ("epsilon", "v_prediction"):
+        die(f"{model}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+    return index
 
 
 def load_models(args, device, index=None):
-    """-> SimpleNamespace(unet, vae, text_encoder, tokenizer, scheduler, flow, dtype, ...), LoRA attached."""
+    """-> Models with LoRA attached to the UNet, and a flow net for DAG (none for the baselines)."""
     index = index or pipeline_index(args.model)
     conditional = "text_encoder" in index
     dtype = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else torch.float32
@@ -408,30 +776,28 @@ def load_models(args, device, index=None):
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **skip)
     scheduler = ddim_scheduler(pipe.scheduler.config, args.steps)
     unet = pipe.unet.to(device).requires_grad_(False)
-    lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                      target_modules=["to_k", "to_q", "to_v", "to_out.0"])  # fmt: skip
     if hasattr(unet, "add_adapter"):
         unet.add_adapter(lora)  # UNet2DConditionModel: diffusers' own LoRA format on save
     else:
         inject_adapter_in_model(lora, unet)  # UNet2DModel has no add_adapter
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()  # active whenever grad is enabled, i.e. in the training forward only
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()  # trainable weights in fp32, frozen ones in `dtype`
-    m = SimpleNamespace(unet=unet, scheduler=scheduler, dtype=dtype, device=device, lora_params=lora_params,
-                        conditional=conditional, vae=None, text_encoder=None, tokenizer=None, uncond=None)  # fmt: skip
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights in fp32, frozen ones in `dtype`
+    channels = unet.config.in_channels
+    m = Models(unet=unet, scheduler=scheduler, flow=None, device=device, dtype=dtype,
+               latent_shape=(channels, unet.config.sample_size, unet.config.sample_size))  # fmt: skip
     if conditional:
         m.vae = pipe.vae.to(device).requires_grad_(False)
         m.text_encoder = pipe.text_encoder.to(device).requires_grad_(False)
         m.tokenizer = pipe.tokenizer
-        m.uncond = encode_prompts(m, [""])  # (1, L, E), the CFG negative prompt
-    channels = unet.config.in_channels
-    m.latent_shape = (channels, unet.config.sample_size, unet.config.sample_size)
-    cross = m.text_encoder.config.hidden_size if conditional else None
-    m.flow = FlowNet(channels, cross).to(device) if args.algo in ("db", "kl") else None  # fp32; the baselines have none
-    m.flow_params = list(m.flow.parameters()) if m.flow is not None else []
-    m.counts = collections.Counter()
-    for kind, module in (("unet", m.unet), ("vae_decode", m.vae.decoder if m.vae is not None else None), ("flow", m.flow)):
+        m.uncond = encode_prompts(m, [""])
+    if args.algo in ("db", "kl"):
+        m.flow = FlowNet(channels, m.text_encoder.config.hidden_size if conditional else None).to(device)  # fp32
+    for kind, module in (("unet", m.unet), ("vae_decode", None if m.vae is None else m.vae.decoder), ("flow", m.flow)):
         if module is not None:
             count_evaluations(module, kind, m.counts)
     return m
@@ -470,269 +836,8 @@ def counted(reward_fn, counts):
     return fn
 
 
-@torch.no_grad()
-def encode_prompts(m, prompts):
-    """CLIP last hidden state (B, L, E), not pooled."""
-    ids = m.tokenizer(prompts, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return m.text_encoder(ids.to(m.device))[0]
-
-
-def autocast(m):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if m.dtype == torch.bfloat16 else contextlib.nullcontext()
-
-
-def predict_eps(m, x_t, t, text, guidance):
-    """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u); guidance=None: eps_c only.
-
-    The same function runs at rollout and in the training forward, so an unchanged theta reproduces the rollout's
-    log-probs exactly (the DAG-KL ratio is 1 at the first step)."""
-    x = x_t.to(m.dtype)
-    with autocast(m):
-        if not m.conditional:
-            eps = m.unet(x, t).sample.float()
-            return eps, eps
-        if guidance is None:
-            eps = m.unet(x, t, encoder_hidden_states=text).sample.float()
-            return eps, eps
-        uncond = m.uncond.expand(len(x), -1, -1)
-        out = m.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, text])).sample
-    eps_u, eps_c = out.float().chunk(2)
-    return eps_u + guidance * (eps_c - eps_u), eps_c
-
-
-def decode(m, x0, chunk):
-    """Latent (or pixel) x0 -> RGB in [0, 1], fp32; VAE decodes `chunk` images at a time. Differentiable when the
-    caller enables grad (AlignProp); the rollout and evaluation call it under no_grad."""
-    if m.vae is not None:
-        with autocast(m):
-            x0 = torch.cat([m.vae.decode(c.to(m.dtype) / m.vae.config.scaling_factor).sample.float() for c in x0.split(chunk)])
-    return (x0 / 2 + 0.5).clamp(0, 1)
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Rollout: sample trajectories with the current policy and store what training needs
-# --------------------------------------------------------------------------------------------------------------------
-
-STEP_KEYS = ("x_t", "x_prev", "t", "log_pf_old", "eps_old", "r_t", "r_prev")  # (B, N, ...) per-transition keys
-
-
-@torch.no_grad()
-def rollout(m, reward_fn, prompts, args, generator, x0_reward=True):
-    """Sample B = len(prompts) trajectories x_T -> x_0 of N DDIM steps.
-
-    -> dict of STEP_KEYS (B, N, ...) + text (B, L, E) or None + reward (B,) + images (B, 3, H, W) in [0, 1].
-    r_t is the raw reward of decode(x0_pred(x_t)) from the text-branch eps (forward-looking flow, no CFG); r_prev of
-    the last transition is the final image's reward, the terminal boundary log F(x_0) = reward_exp * r(x_0).
-    x0_reward=False (DDPO, which needs terminal rewards only) skips the per-state decodes and stores r_t = 0."""
-    B, dev = len(prompts), m.device
-    text = encode_prompts(m, prompts) if m.conditional else None
-    x = torch.randn((B, *m.latent_shape), generator=generator, device=dev)
-    steps = {k: [] for k in ("x_t", "x_prev", "t", "log_pf_old", "eps_old", "r_t")}
-    for t_scalar in m.scheduler.timesteps:
-        t = torch.full((B,), int(t_scalar), device=dev, dtype=torch.long)
-        # NOTE: the UNet sees train_batch rows per call, as in the training forward: kernels depend on the batch size,
-        # and equal shapes make an unchanged theta reproduce eps bitwise (DAG-KL ratio exactly 1, unetreg exactly 0).
-        chunks = [predict_eps(m, x[i : i + args.train_batch], t[i : i + args.train_batch],
-                              None if text is None else text[i : i + args.train_batch], args.guidance_scale)
-                  for i in range(0, B, args.train_batch)]  # fmt: skip
-        eps, eps_text = (torch.cat(c) for c in zip(*chunks))
-        if x0_reward:
-            r_t = reward_fn(decode(m, predict_x0(m.scheduler, eps_text, t, x), args.decode_chunk), prompts).float()
-        else:
-            r_t = torch.zeros(B, device=dev)
-        x_prev, log_pf = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator)
-        for k, v in zip(steps, (x, x_prev, t, log_pf, eps, r_t)):
-            steps[k].append(v)
-        x = x_prev
-    images = decode(m, x, args.decode_chunk)
-    reward = reward_fn(images, prompts).float()
-    traj = {k: torch.stack(v, dim=1) for k, v in steps.items()}  # (B, N, ...)
-    traj["r_prev"] = torch.cat([traj["r_t"][:, 1:], reward[:, None]], dim=1)  # reward of each transition's child
-    traj.update(text=text, reward=reward, images=images.cpu())
-    return traj
-
-
-def denoise(m, prompts, x, args, noise=None, generator=None, grad_steps=0):
-    """x_T -> x_0 with the policy alone (no per-state reward, nothing stored), for evaluation and AlignProp.
-
-    Step j's variance noise is noise[:, j] if given, else drawn from `generator`. The last `grad_steps` steps keep the
-    graph, each UNet call under gradient checkpointing (its activations are recomputed in the backward)."""
-    text = encode_prompts(m, prompts) if m.conditional else None
-    N = len(m.scheduler.timesteps)
-    for j, t_scalar in enumerate(m.scheduler.timesteps):
-        t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and j >= N - grad_steps):
-            if torch.is_grad_enabled():
-                eps = checkpoint(lambda x_, t_=t: predict_eps(m, x_, t_, text, args.guidance_scale)[0], x, use_reentrant=False)
-            else:
-                eps, _ = predict_eps(m, x, t, text, args.guidance_scale)
-            step_noise = None if noise is None else noise[:, j]
-            x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator, noise=step_noise)
-    return x
-
-
-def sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch):
-    """num_batches rollouts of sample_batch trajectories, each with its own random prompts.
-
-    -> (traj with every key concatenated to (num_batches * sample_batch, ...), grid material of the first batch)."""
-    parts, grid = [], None
-    for _ in tqdm(range(args.num_batches), desc=f"epoch {epoch} sample", disable=rank != 0, leave=False):
-        idx = torch.randint(len(prompts_all), (args.sample_batch,), generator=generators["cpu"])
-        prompts = [prompts_all[i] for i in idx]  # [""] for an unconditional model
-        part = rollout(m, reward_fn, prompts, args, generators["noise"], x0_reward=args.algo != "ddpo")
-        part["prompt_idx"] = idx.to(m.device)  # (B,), DDPO's per-prompt statistics
-        images = part.pop("images")
-        grid = grid or (images[:16], prompts[:16], part["reward"][:16].tolist())
-        parts.append(part)
-    return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}, grid
-
-
-def shuffle_transitions(traj, generator):
-    """Shuffle trajectories, then permute the N transitions of EACH trajectory independently, moving every
-    per-transition key with the same index (so x_prev[i, j] stays the child of x_t[i, j])."""
-    B, N = traj["t"].shape
-    order = torch.randperm(B, generator=generator)
-    steps = torch.argsort(torch.rand(B, N, generator=generator), dim=1)  # (B, N), one permutation per row
-    out = {}
-    for k, v in traj.items():
-        if v is None:
-            out[k] = v
-            continue
-        v = v[order.to(v.device)]
-        if k in STEP_KEYS:
-            v = v[torch.arange(B, device=v.device)[:, None], steps.to(v.device)]
-        out[k] = v
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# One training step
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def log_flows(m, batch, reward_exp):
-    """Forward-looking log-flows of both ends of a transition -> (log F(x_t), log F(x_prev)), each (B,).
-
-    log F(s) = F_phi(x_t, t, c) + reward_exp * r(x0_pred(x_t)), with r stored at rollout (no gradient to theta)."""
-    x_t, x_prev, t = batch["x_t"], batch["x_prev"], batch["t"]
-    text = None if batch["text"] is None else batch["text"].float()
-    t_prev = (t - m.scheduler.config.num_train_timesteps // m.scheduler.num_inference_steps).clamp(min=0)
-    log_flow = m.flow(x_t, t, text) + reward_exp * batch["r_t"]
-    # NOTE: terminal boundary: at the last step log F(x_0) = reward_exp * r(x_0); F_phi is never a target at t = 0.
-    last = t == int(m.scheduler.timesteps[-1])
-    log_flow_prev = reward_exp * batch["r_prev"] + torch.where(last, 0.0, m.flow(x_prev, t_prev, text))
-    return log_flow, log_flow_prev
-
-
-def transition_loss(m, batch, reward_exp, args):
-    """Loss (B,) of one transition per trajectory of the micro-batch (x_t: (B, C, H, W), t: (B,), ...) + stats."""
-    x_t, x_prev, t, text = batch["x_t"], batch["x_prev"], batch["t"], batch["text"]
-    eps, _ = predict_eps(m, x_t, t, text, args.guidance_scale if args.cfg else None)  # NOTE: CFG in the training forward
-    _, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, args.eta, x_prev=x_prev)
-    if args.algo == "ddpo":  # the baseline: no flow, no backward policy, no unetreg
-        loss = ppo_clip_loss(log_pf, batch["log_pf_old"], batch["advantage"], args.clip_range)
-        return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
-    log_pb = backward_logprob(m.scheduler, t, x_t, x_prev)
-    log_flow, log_flow_prev = log_flows(m, batch, reward_exp)
-    unetreg = ((eps - batch["eps_old"]) ** 2).mean(dim=(1, 2, 3))
-    if args.algo == "db":
-        loss = db_loss(log_flow, log_pf, log_pb, log_flow_prev)
-    else:
-        loss_flow, loss_policy = kl_loss(log_flow, log_pf, batch["log_pf_old"], log_pb, log_flow_prev, args.clip_range, args.adv_clip)
-        loss = loss_flow + args.kl_coef * loss_policy
-    loss = loss + args.unetreg * unetreg
-    stats = {"loss": loss, "log_pf": log_pf, "log_flow": log_flow, "unetreg": unetreg}
-    return loss, {k: v.detach().mean() for k, v in stats.items()}  # tensors: no GPU sync per transition
-
-
-def transition_batch(traj, rows, j):
-    """The j-th (permuted) transition of the trajectories `rows` (a slice): per-step keys (b, ...) + their text."""
-    batch = {key: traj[key][rows, j] for key in STEP_KEYS}
-    batch["text"] = None if traj["text"] is None else traj["text"][rows]
-    if "advantage" in traj:  # DDPO: one advantage per trajectory, shared by its N transitions
-        batch["advantage"] = traj["advantage"][rows]
-    return batch
-
-
-def optimizer_step(m, optimizer, args):
-    """Average gradients over ranks, clip LoRA and flow separately, step."""
-    average_gradients(m.lora_params + m.flow_params)
-    for params in (m.lora_params, m.flow_params):
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def train_epoch(m, traj, optimizer, reward_exp, args, rank):
-    """On shuffled trajectories: for each micro-batch of trajectories, for each of the N permuted
-    transitions, backward loss.mean() / (grad_accum * N); an optimizer step every grad_accum micro-batches."""
-    B, N = traj["t"].shape
-    stats, micro_batches = [], range(0, B, args.train_batch)
-    for k, i in enumerate(tqdm(micro_batches, desc="train", disable=rank != 0, leave=False)):
-        for j in range(N):
-            loss, s = transition_loss(m, transition_batch(traj, slice(i, i + args.train_batch), j), reward_exp, args)
-            (loss.mean() / (args.grad_accum * N)).backward()
-            stats.append(s)
-        if (k + 1) % args.grad_accum == 0:
-            optimizer_step(m, optimizer, args)
-    local = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0, keepdim=True)  # (1, n_stats)
-    return dict(zip(stats[0], gather(local).mean(0).tolist()))  # means over this epoch and over all ranks
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Baselines on the same sampler, rewards and loop: DDPO (--algo ddpo) and AlignProp (--algo alignprop)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def per_prompt_advantages(scores, prompt_ids, history, min_count, buffer_size):
-    """DDPO's advantages (Black et al. 2023, arXiv 2305.13301): each terminal reward standardised by the mean / std of
-    the last `buffer_size` rewards of its prompt (this batch included), or by the batch's while the prompt has fewer
-    than `min_count`. history: {prompt id: [rewards]}, updated in place. (B,) float -> (B,) float."""
-    advantages = torch.empty_like(scores)
-    for pid in prompt_ids.unique().tolist():
-        rows = prompt_ids == pid
-        seen = (history.get(pid, []) + scores[rows].tolist())[-buffer_size:]
-        history[pid] = seen
-        ref = torch.tensor(seen, dtype=scores.dtype) if len(seen) >= min_count else scores.cpu()
-        advantages[rows] = (scores[rows] - ref.mean().item()) / (ref.std(unbiased=False).item() + 1e-6)
-    return advantages
-
-
-def alignprop_loss(m, reward_fn, prompts, args, generator):
-    """AlignProp (Prabhudesai et al. 2023, arXiv 2310.03739): loss = -r(decode(x_0)), backpropagated through the sampler.
-
-    The first N - K steps run without grad; the last K = --truncation steps and the decode keep the graph, each under
-    gradient checkpointing (activations recomputed in the backward). -> (loss (B,), reward (B,) detached, images)."""
-    x_T = torch.randn((len(prompts), *m.latent_shape), generator=generator, device=m.device)
-    x = denoise(m, prompts, x_T, args, generator=generator, grad_steps=args.truncation)
-    images = checkpoint(decode, m, x, args.decode_chunk, use_reentrant=False)
-    reward = reward_fn(images, prompts).float()
-    if not reward.requires_grad:
-        die(f"--algo alignprop: reward {args.reward!r} returned no gradient")
-    return -reward, reward.detach(), images.detach()
-
-
-def alignprop_epoch(m, reward_fn, prompts_all, optimizer, args, generators, rank):
-    """One AlignProp epoch with DAG's batch arithmetic: num_batches * sample_batch trajectories per process, sampled and
-    trained in micro-batches of train_batch, an optimizer step every grad_accum. No stored rollout, no flow.
-
-    -> (rewards of this epoch's samples (all ranks), grid material, stats)."""
-    per_rank, scores, losses, grid = args.sample_batch * args.num_batches, [], [], None
-    for k in tqdm(range(per_rank // args.train_batch), desc="alignprop", disable=rank != 0, leave=False):
-        prompts = [prompts_all[i] for i in torch.randint(len(prompts_all), (args.train_batch,), generator=generators["cpu"])]
-        loss, reward, images = alignprop_loss(m, reward_fn, prompts, args, generators["noise"])
-        (loss.mean() / args.grad_accum).backward()
-        if (k + 1) % args.grad_accum == 0:
-            optimizer_step(m, optimizer, args)
-        scores.append(reward)
-        losses.append(loss.detach().mean())
-        grid = grid or (images.cpu()[:16], prompts[:16], reward[:16].tolist())
-    return gather(torch.cat(scores)), grid, {"loss": gather(torch.stack(losses).mean().reshape(1)).mean().item()}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Evaluation (fixed noise, reward, diversity) and cost accounting
+# Evaluation (fixed noise, reward, diversity), cost accounting, images
 # --------------------------------------------------------------------------------------------------------------------
 
 # GFLOP per sample at SD-1.5 shapes (the project's cost model, from torch.utils.flop_counter); the reward is CLIP-L,
@@ -757,6 +862,26 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def denoise(m, prompts, x, args, noise=None, generator=None, grad_steps=0):
+    """x_T -> x_0 with the policy alone (no per-state reward, nothing stored), for evaluation and AlignProp.
+
+    Step j's variance noise is noise[:, j] if given, else drawn from `generator`. The last `grad_steps` steps keep the
+    graph, each UNet call under gradient checkpointing (its activations are recomputed in the backward)."""
+    text = encode_prompts(m, prompts) if m.conditional else None
+    N = len(m.scheduler.timesteps)
+    for j, t_scalar in enumerate(m.scheduler.timesteps):
+        t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and j >= N - grad_steps):
+            if torch.is_grad_enabled():
+                eps = checkpoint(lambda x_, t_=t: predict_eps(m, x_, t_, text, args.guidance_scale)[0], x,
+                                 use_reentrant=False)  # fmt: skip
+            else:
+                eps, _ = predict_eps(m, x, t, text, args.guidance_scale)
+            step_noise = None if noise is None else noise[:, j]
+            x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator, noise=step_noise)
+    return x
+
+
 @torch.no_grad()
 def sample_images(m, prompts, noise, args):
     """Images of the current policy from given noise (B, N + 1, C, H, W): noise[:, 0] is x_T and noise[:, j + 1] the
@@ -767,12 +892,13 @@ def sample_images(m, prompts, noise, args):
 def eval_noise(m, k, steps):
     """Noise of eval seed s = 0..k-1, (k, N + 1, C, H, W): the same at every evaluation and in every run, so images of
     one (prompt, seed) are comparable across epochs, algorithms and --seed."""
-    return torch.stack([torch.randn((steps + 1, *m.latent_shape), generator=torch.Generator().manual_seed(s)) for s in range(k)])
+    return torch.stack([torch.randn((steps + 1, *m.latent_shape), generator=torch.Generator().manual_seed(s))
+                        for s in range(k)])  # fmt: skip
 
 
 def image_features(reward_fn, images):
     """Features for the diversity metric: the reward model's unit-norm image embedding (`reward_fn.embed`) when it
-    has one; otherwise the image area-downsampled to 32x32 and flattened, over sqrt(dim) (an RMS pixel distance)."""
+    has one; otherwise the image area-resampled to 32x32 and flattened, over sqrt(dim) (an RMS pixel distance)."""
     if getattr(reward_fn, "embed", None) is not None:
         f = reward_fn.embed(images).float()
         return f / f.norm(dim=-1, keepdim=True)
@@ -814,7 +940,8 @@ def evaluate(m, reward_fn, prompts, args, rank, world):
     space = "reward embedding" if getattr(reward_fn, "embed", None) is not None else "pixels 32x32"
     record = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item(),
               "diversity": diversity(features, k), "diversity_space": space,
-              "eval_reward_per_prompt": [round(v, 5) for v in per_prompt.tolist()], **cost_record(m.counts, per_rank)}  # fmt: skip
+              "eval_reward_per_prompt": [round(v, 5) for v in per_prompt.tolist()],
+              **cost_record(m.counts, per_rank)}  # fmt: skip
     return record, (images.float().cpu() / 255, [f"seed {s}: {prompts[p]}" for p, s in pairs], scores.tolist())
 
 
@@ -848,11 +975,6 @@ def plot_curves(path, log, evals):
     image.save(path)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Outputs: image grid, checkpoint, resume
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def save_grid(path, images, prompts, scores, cols=4, size=192):
     """PNG grid of (B, 3, H, W) images in [0, 1] with the prompt and reward under each."""
     rows = math.ceil(len(images) / cols)
@@ -863,6 +985,11 @@ def save_grid(path, images, prompts, scores, cols=4, size=192):
         grid.paste(Image.fromarray(array).resize((size, size), Image.NEAREST), (x, y))
         draw.text((x + 4, y + size + 2), f"{prompt[:28]}\nr = {float(score):.3f}", fill="black")
     grid.save(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def rng_state(generators):
@@ -888,7 +1015,8 @@ def save_checkpoint(out, epoch, m, optimizer, generators, rank, history, algo):
         else:
             save_file(lora, tmp / "pytorch_lora_weights.safetensors")  # peft key format (UNet2DModel)
         state = {"epoch": epoch, "algo": algo, "lora": lora, "flow": None if m.flow is None else m.flow.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": states, "digests": digests, "ddpo_history": history}  # fmt: skip
+                 "optimizer": optimizer.state_dict(), "rng": states, "digests": digests,
+                 "ddpo_history": history}  # fmt: skip
         torch.save(state, tmp / "training_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -926,6 +1054,102 @@ def load_checkpoint(path, m, optimizer, generators, rank, history, algo):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Baselines on the same sampler, rewards and loop: DDPO (--algo ddpo) and AlignProp (--algo alignprop).
+# Each is an epoch function with dag_epoch's return shape; neither has a flow network or a reward temperature.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ddpo_rollout(m, reward_fn, prompts, args, generator):
+    """DDPO's rollout: the same policy steps as DAG's, terminal reward only (no per-state x0_pred reward, no eps)."""
+    B = len(prompts)
+    text = encode_prompts(m, prompts) if m.conditional else None
+    x = torch.randn((B, *m.latent_shape), generator=generator, device=m.device)
+    states, log_pfs = [x], []
+    for t_scalar in m.scheduler.timesteps:
+        t = torch.full((B,), int(t_scalar), device=m.device, dtype=torch.long)
+        x, log_pf, _, _ = policy_step(m, x, t, text, args, generator)
+        states.append(x)
+        log_pfs.append(log_pf)
+    images = decode(m, x, args.decode_chunk)
+    timesteps = torch.cat([m.scheduler.timesteps, torch.zeros(1, dtype=torch.long)]).to(m.device)
+    ro = Rollout(states=torch.stack(states, 1), timesteps=timesteps, log_pf_rollout=torch.stack(log_pfs, 1),
+                 eps_rollout=None, x0_pred_reward=None, reward=reward_fn(images, prompts).float(), text=text)
+    return ro, images
+
+
+def per_prompt_advantages(scores, prompt_ids, history, min_count, buffer_size):
+    """DDPO's advantages (Black et al. 2023, arXiv 2305.13301): each terminal reward standardised by the mean / std of
+    the last `buffer_size` rewards of its prompt (this batch included), or by the batch's while the prompt has fewer
+    than `min_count`. history: {prompt id: [rewards]}, updated in place. (B,) float -> (B,) float."""
+    advantages = torch.empty_like(scores)
+    for pid in prompt_ids.unique().tolist():
+        rows = prompt_ids == pid
+        seen = (history.get(pid, []) + scores[rows].tolist())[-buffer_size:]
+        history[pid] = seen
+        ref = torch.tensor(seen, dtype=scores.dtype) if len(seen) >= min_count else scores.cpu()
+        advantages[rows] = (scores[rows] - ref.mean().item()) / (ref.std(unbiased=False).item() + 1e-6)
+    return advantages
+
+
+def ddpo_loss(m, batch, advantages, args):
+    """DDPO's per-transition loss: the PPO-clipped surrogate with the trajectory's advantage (b,)."""
+    log_pf, _ = policy_logprob(m, batch, args)
+    loss = ppo_clip_loss(log_pf, batch.log_pf_rollout, advantages, args.clip_range)
+    return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
+
+
+def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank=0, world=1):
+    """One DDPO epoch: rollouts, advantages from the rewards and prompts of ALL ranks, one pass of PPO training."""
+    t0 = time.time()
+    parts, ids, grid = [], [], None
+    for _ in tqdm(range(args.num_batches), desc="ddpo sample", disable=rank != 0, leave=False):
+        idx, batch_prompts = draw_prompts(prompts, args.sample_batch, generators["cpu"])
+        ro, images = ddpo_rollout(m, reward_fn, batch_prompts, args, generators["noise"])
+        grid = grid or (images[:16].cpu(), batch_prompts[:16], ro.reward[:16].tolist())
+        parts.append(ro)
+        ids.append(idx.to(m.device))
+    ro = Rollout.cat(parts)
+    scores = per_prompt_advantages(gather(ro.reward), gather(torch.cat(ids)), history, args.min_count, args.buffer_size)
+    advantages = scores.clamp(-args.adv_clip, args.adv_clip).view(world, -1)[rank]  # this rank's trajectories
+    t1 = time.time()
+    stats = train_epoch(m, ro, optimizer, lambda batch: ddpo_loss(m, batch, advantages[batch.rows], args), args,
+                        generators["cpu"], rank)  # fmt: skip
+    return ro.reward, grid, {**stats, "rollout_s": t1 - t0, "train_s": time.time() - t1}
+
+
+def alignprop_loss(m, reward_fn, prompts, args, generator):
+    """AlignProp (Prabhudesai et al. 2023, arXiv 2310.03739): loss = -r(decode(x_0)), backpropagated through the
+    sampler. The first N - K steps run without grad; the last K = --truncation steps and the decode keep the graph,
+    each under gradient checkpointing. -> (loss (B,), reward (B,) detached, images)."""
+    x_T = torch.randn((len(prompts), *m.latent_shape), generator=generator, device=m.device)
+    x = denoise(m, prompts, x_T, args, generator=generator, grad_steps=args.truncation)
+    images = checkpoint(decode, m, x, args.decode_chunk, use_reentrant=False)
+    reward = reward_fn(images, prompts).float()
+    if not reward.requires_grad:
+        die(f"--algo alignprop: reward {args.reward!r} returned no gradient")
+    return -reward, reward.detach(), images.detach()
+
+
+def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
+    """One AlignProp epoch with DAG's batch arithmetic: num_batches * sample_batch trajectories per process, sampled
+    and trained in micro-batches of train_batch, an optimizer step every grad_accum. Sampling is training here, so
+    all the time is train_s."""
+    t0, per_rank, scores, losses, grid = time.time(), args.sample_batch * args.num_batches, [], [], None
+    for k in tqdm(range(per_rank // args.train_batch), desc="alignprop", disable=rank != 0, leave=False):
+        _, batch_prompts = draw_prompts(prompts, args.train_batch, generators["cpu"])
+        loss, reward, images = alignprop_loss(m, reward_fn, batch_prompts, args, generators["noise"])
+        (loss.mean() / args.grad_accum).backward()
+        if (k + 1) % args.grad_accum == 0:
+            optimizer_step(m, optimizer, args)
+        scores.append(reward)
+        losses.append(loss.detach().mean())
+        grid = grid or (images.cpu()[:16], batch_prompts[:16], reward[:16].tolist())
+    loss = gather(torch.stack(losses).mean().reshape(1)).mean().item()
+    return torch.cat(scores), grid, {"loss": loss, "rollout_s": 0.0, "train_s": time.time() - t0}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -938,9 +1162,9 @@ def main(argv=None):
         die(f"{out} already holds a run: pass --resume auto to continue it, or choose another --out")
     rank, world, device = setup_distributed()
     try:
-        _train(args, out, rank, world, device)
+        train(args, out, rank, world, device)
     except BaseException as e:
-        traceback.clear_frames(e.__traceback__)  # the traceback would keep _train's models alive through teardown
+        traceback.clear_frames(e.__traceback__)  # the traceback would keep train's models alive through teardown
         raise
     finally:
         gc.collect()  # NOTE: freeing the models before teardown avoids an intermittent gloo abort at exit
@@ -948,25 +1172,29 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def _train(args, out, rank, world, device):
+CONSOLE_KEYS = ("epoch", "reward_exp", "reward_mean", "reward_std", "loss", "log_flow", "unetreg", "rollout_s",
+                "train_s", "traj_per_s", "peak_mem_gb", "sd15_tflop_per_traj")  # fmt: skip
+
+
+def train(args, out, rank, world, device):
+    """Load everything, then the epoch loop: (evaluate) -> one epoch of --algo -> log -> (checkpoint)."""
     print0 = print if rank == 0 else (lambda *a, **k: None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # weight init; rank 0's is broadcast below anyway
-    # CRUCIAL: a different seed per rank for prompts, noise and shuffling, or every GPU draws the same samples
+    # NOTE: CRUCIAL: a different seed per rank for prompts, noise and shuffling, or every GPU draws the same samples
     generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank),
                   "cpu": torch.Generator().manual_seed(args.seed + rank)}  # fmt: skip
     # prompts and reward before the diffusion model, so that a mistake in either fails in seconds
     index = pipeline_index(args.model)
-    prompts_all, eval_prompts = load_prompts(args, "text_encoder" in index)
+    prompts, eval_prompts = load_prompts(args, "text_encoder" in index)
     try:
         reward_fn = rewards.load(args.reward, device)
     except (ImportError, OSError, ValueError) as e:
         die(f"cannot load reward {args.reward!r}: {e}")
     m = load_models(args, device, index)
     reward_fn = counted(reward_fn, m.counts)
-    groups = [{"params": m.lora_params, "lr": args.lr}]
-    if m.flow_params:
-        groups.append({"params": m.flow_params, "lr": args.flow_lr})
+    groups = [{"params": m.lora_params, "lr": args.lr}] + ([{"params": m.flow_params, "lr": args.flow_lr}]
+                                                            if m.flow is not None else [])  # fmt: skip
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     broadcast_parameters(m.lora_params + m.flow_params)
     start, history = 0, {}  # history: DDPO's rewards per prompt id
@@ -978,57 +1206,41 @@ def _train(args, out, rank, world, device):
         print0(f"no checkpoint in {out}: starting at epoch 0")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("log.jsonl", "eval.jsonl"):  # resuming: drop records from the checkpoint's epoch on, they are rerun
+        for name in ("log.jsonl", "eval.jsonl"):  # resuming: drop the records from the checkpoint's epoch on
             if (out / name).exists():
-                (out / name).write_text("".join(f"{json.dumps(r)}\n" for r in read_jsonl(out / name) if r["epoch"] < start))
+                kept = [r for r in read_jsonl(out / name) if r["epoch"] < start]
+                (out / name).write_text("".join(f"{json.dumps(r)}\n" for r in kept))
         (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
     per_rank = args.sample_batch * args.num_batches
-    n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow_params)
-    name = f"DAG-{args.algo.upper()}" if m.flow is not None else args.algo.upper()
-    evaluation = f"{len(eval_prompts)} prompts x {args.eval_samples} seeds every {args.eval_every} epochs" if args.eval_every else "off"
-    print0(f"{name} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | "
-           f"world {world} | device {device.type} | frozen {m.dtype} | trainable LoRA {n_lora:,} + flow {n_flow:,}\n"
-           f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
-           f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
-           f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch | evaluation: {evaluation}")  # fmt: skip
+    print0(header(args, m, world, device, len(eval_prompts)))
     # NOTE: eval mode throughout, training included: neither net has dropout or batch-norm to switch on, and train mode
     # takes other kernels, so the training forward would no longer reproduce the rollout's eps bitwise.
     m.unet.eval()
     if m.flow is not None:
         m.flow.eval()
+    if args.algo in ("db", "kl"):
+        run_epoch = lambda e: dag_epoch(m, reward_fn, prompts, optimizer, e, args, generators, rank)  # noqa: E731
+    elif args.algo == "ddpo":
+        run_epoch = lambda e: ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank, world)  # noqa: E731
+    else:
+        run_epoch = lambda e: alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank)  # noqa: E731
     eval_due = lambda e: args.eval_every and (e % args.eval_every == 0 or e == args.epochs)  # noqa: E731
     for epoch in range(start, args.epochs):
         if eval_due(epoch):
             log_evaluation(m, reward_fn, eval_prompts, args, out, epoch, rank, world)
-        beta = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
         m.counts.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
-        if args.algo == "alignprop":  # sampling and training are one pass
-            all_rewards, grid, stats = alignprop_epoch(m, reward_fn, prompts_all, optimizer, args, generators, rank)
-            t1 = t0
-        else:
-            traj, grid = sample_epoch(m, reward_fn, prompts_all, args, generators, rank, epoch)
-            t1 = time.time()
-            all_rewards = gather(traj["reward"])
-            if args.algo == "ddpo":  # advantages from the rewards and prompts of ALL ranks, then this rank's slice
-                ids = gather(traj["prompt_idx"])
-                advantages = per_prompt_advantages(all_rewards, ids, history, args.min_count, args.buffer_size)
-                traj["advantage"] = advantages.clamp(-args.adv_clip, args.adv_clip).view(world, -1)[rank]
-            traj = shuffle_transitions(traj, generators["cpu"])  # rebinding frees the unshuffled copy
-            stats = train_epoch(m, traj, optimizer, beta, args, rank)
-            del traj  # before the next rollout allocates its own
-        t2 = time.time()
-        record = {"epoch": epoch, "reward_exp": beta, "reward_mean": all_rewards.mean().item(),
+        local_rewards, grid, stats = run_epoch(epoch)
+        seconds, all_rewards = time.time() - t0, gather(local_rewards)
+        record = {"epoch": epoch, "reward_mean": all_rewards.mean().item(),
                   "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0, **stats,
-                  "rollout_s": t1 - t0, "train_s": t2 - t1, "traj_per_s": per_rank * world / (t2 - t0),
-                  "transitions_per_s": per_rank * world * args.steps / (t2 - t0), "peak_mem_gb": peak_memory_gb(device),
-                  **cost_record(m.counts, per_rank)}  # fmt: skip
-        if m.flow is None:
-            del record["reward_exp"]  # the baselines have no reward temperature
+                  "traj_per_s": per_rank * world / seconds,
+                  "transitions_per_s": per_rank * world * args.steps / seconds,
+                  "peak_mem_gb": peak_memory_gb(device), **cost_record(m.counts, per_rank)}  # fmt: skip
         if rank == 0:
-            print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS if k in record), flush=True)  # everything else: log.jsonl
+            print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS if k in record), flush=True)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             save_grid(out / f"samples-{epoch:04d}.png", *grid)
@@ -1039,8 +1251,19 @@ def _train(args, out, rank, world, device):
         log_evaluation(m, reward_fn, eval_prompts, args, out, args.epochs, rank, world)
 
 
-CONSOLE_KEYS = ("epoch", "reward_exp", "reward_mean", "reward_std", "loss", "log_flow", "unetreg", "rollout_s", "train_s",
-                "traj_per_s", "peak_mem_gb", "sd15_tflop_per_traj")
+def header(args, m, world, device, n_eval):
+    """The run's first console lines: what trains, on what, with which batch arithmetic."""
+    per_rank = args.sample_batch * args.num_batches
+    n_lora, n_flow = sum(p.numel() for p in m.lora_params), sum(p.numel() for p in m.flow_params)
+    name = f"DAG-{args.algo.upper()}" if m.flow is not None else args.algo.upper()
+    evaluation = "off"
+    if args.eval_every:
+        evaluation = f"{n_eval} prompts x {args.eval_samples} seeds every {args.eval_every} epochs"
+    return (f"{name} | {args.model} ({'text-to-image' if m.conditional else 'unconditional'}) | world {world} | "
+            f"device {device.type} | frozen {m.dtype} | trainable LoRA {n_lora:,} + flow {n_flow:,}\n"
+            f"per process: {args.num_batches} x {args.sample_batch} trajectories of {args.steps} steps, train batch "
+            f"{args.train_batch} x accum {args.grad_accum} -> {per_rank // (args.train_batch * args.grad_accum)} "
+            f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch | evaluation: {evaluation}")
 
 
 def log_evaluation(m, reward_fn, prompts, args, out, epoch, rank, world):

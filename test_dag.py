@@ -5,6 +5,7 @@ Every model here has random weights built from a config (no downloads): the CIFA
 Diffusion pipeline assembled from configs. Run: `HF_HUB_OFFLINE=1 python -m pytest -q test_dag.py`.
 """
 
+import argparse
 import collections
 import json
 import math
@@ -151,6 +152,24 @@ def test_ddim_step_matches_diffusers_at_every_timestep(make):  # oracle 1
         ref = s.step(eps, t, x_t, eta=1.0, variance_noise=z).prev_sample
         ours, _ = dag.ddim_step_logprob(s, eps, torch.full((2,), int(t)), x_t, eta=1.0, generator=generator(100 + k))
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_v_prediction_is_converted_to_epsilon():  # SPEC 5: SD-2.x predicts v
+    s = dag.ddim_scheduler(DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "v_prediction"}).config, 50)
+    g = generator(20)
+    x_t, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for k, t in enumerate(s.timesteps):
+        z = torch.randn(x_t.shape, generator=generator(200 + k))
+        ref = s.step(v, t, x_t, eta=1.0, variance_noise=z).prev_sample
+        tt = torch.full((2,), int(t))
+        eps = dag.model_output_to_eps(s, v, tt, x_t)
+        ours, _ = dag.ddim_step_logprob(s, eps, tt, x_t, eta=1.0, noise=z)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        a_t = s.alphas_cumprod[int(t)]
+        torch.testing.assert_close(dag.predict_x0(s, eps, tt, x_t), a_t.sqrt() * x_t - (1 - a_t).sqrt() * v)
+    s = dag.ddim_scheduler(DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "sample"}).config, 50)
+    with pytest.raises(ValueError, match="not supported"):
+        dag.model_output_to_eps(s, v, torch.full((2,), 1), x_t)
 
 
 @pytest.mark.parametrize("make", [sd_scheduler, cifar_scheduler])
@@ -303,27 +322,60 @@ def test_flow_net_shapes():  # oracle 13
         assert pixel_flow(torch.randn(B, 3, 32, 32), t).shape == (B,)
 
 
-def test_shuffle_keeps_every_key_aligned():  # oracle 14
-    B, N = 5, 7
-    code = torch.arange(B)[:, None] * 100 + torch.arange(N)[None]  # trajectory i, step j -> 100 i + j
-    traj = {"x_t": code[..., None, None, None].float().expand(B, N, 1, 2, 2), "x_prev": (code + 1)[..., None].float(),
-            "t": 1000 - 20 * code % 100, "log_pf_old": code.double(), "eps_old": -code.float(),
-            "r_t": code.float() + 0.5, "r_prev": code.float() + 1.5,
-            "text": torch.arange(B)[:, None].float(), "reward": torch.arange(B).float()}  # fmt: skip
-    out = dag.shuffle_transitions(traj, generator(8))
-    i = out["reward"].long()  # where each trajectory went
-    j = out["log_pf_old"].long() - 100 * i[:, None]  # which original step sits at each slot
-    assert sorted(i.tolist()) == list(range(B))
-    assert all(sorted(row) == list(range(N)) for row in j.tolist())
-    assert not (j == torch.arange(N)).all(), "steps were not permuted"
-    assert len({tuple(row) for row in j.tolist()}) > 1, "every trajectory got the same permutation"
-    code_out = 100 * i[:, None] + j
-    assert torch.equal(out["x_t"][:, :, 0, 0, 0], code_out.float())
-    assert torch.equal(out["x_prev"][..., 0], code_out.float() + 1)  # x_prev[i, j] is still x_t[i, j]'s child
-    assert torch.equal(out["t"], 1000 - 20 * code_out % 100)
-    assert torch.equal(out["eps_old"], -code_out.float())
-    assert torch.equal(out["r_t"], code_out + 0.5) and torch.equal(out["r_prev"], code_out + 1.5)
-    assert torch.equal(out["text"][:, 0], i.float())
+def coded_rollout(B, N):
+    """A Rollout whose every entry names its place: state j of trajectory i carries 100 i + j."""
+    code = torch.arange(B)[:, None] * 100 + torch.arange(N + 1)[None]  # (B, N + 1)
+    return dag.Rollout(states=code[..., None, None, None].float().expand(B, N + 1, 1, 2, 2),
+                       timesteps=torch.cat([torch.arange(N - 1, -1, -1) * 20 + 1, torch.zeros(1, dtype=torch.long)]),
+                       log_pf_rollout=code[:, :N].double(), eps_rollout=-code[:, :N, None, None, None].float(),
+                       x0_pred_reward=code[:, :N].float() + 0.5, reward=code[:, N].float() + 0.5,
+                       text=torch.arange(B)[:, None, None].float())  # fmt: skip
+
+
+def test_train_epoch_visits_every_transition_once_with_aligned_fields():  # oracle 14
+    """The real train_epoch, a recording loss: each (trajectory, step) once per epoch, in a per-trajectory random
+    order, and every field of a micro-batch row belongs to that trajectory's step (x_prev its child)."""
+    B, N = 6, 5
+    ro = coded_rollout(B, N)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    m = dag.Models(unet=torch.nn.Linear(1, 1).requires_grad_(False), scheduler=None, flow=None, latent_shape=(1, 2, 2),
+                   device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+    visits = collections.defaultdict(list)
+
+    def loss_fn(batch):
+        i, j = batch.rows, batch.step
+        assert torch.equal(batch.x_t[:, 0, 0, 0], (100 * i + j).float())
+        assert torch.equal(batch.x_prev[:, 0, 0, 0], (100 * i + j + 1).float())  # the child: state j + 1
+        assert torch.equal(batch.t, ro.timesteps[j]) and torch.equal(batch.t_prev, ro.timesteps[j + 1])
+        assert torch.equal(batch.log_pf_rollout, (100 * i + j).double())
+        assert torch.equal(batch.eps_rollout.flatten(), -(100 * i + j).float())
+        assert torch.equal(batch.x0_pred_reward, ro.x0_pred_reward[i]) and torch.equal(batch.reward, ro.reward[i])
+        assert torch.equal(batch.text.flatten(), i.float())
+        for row, step in zip(i.tolist(), j.tolist()):
+            visits[row].append(step)
+        return (weight * 0).expand(len(i)), {"loss": torch.zeros(())}
+
+    args = argparse.Namespace(train_batch=2, grad_accum=1, max_grad_norm=1.0)
+    dag.train_epoch(m, ro, torch.optim.SGD([weight], lr=0.0), loss_fn, args, generator(8))
+    assert sorted(visits) == list(range(B)) and all(sorted(v) == list(range(N)) for v in visits.values())
+    assert any(v != list(range(N)) for v in visits.values()), "steps were not permuted"
+    assert len({tuple(v) for v in visits.values()}) > 1, "every trajectory got the same permutation"
+
+
+def test_log_flows_shift_the_child_reward_and_pin_the_boundary():  # SPEC 2
+    """Both ends of the forward-looking flow: parent reward of state j, child reward of state j + 1, and at the last
+    step the child is x_0 with log F = beta * r(x_0) and no F_phi term."""
+    B, N, beta = 4, 5, 3.0
+    ro = coded_rollout(B, N)
+    flow = lambda x, t, text: 1000.0 + t.float()  # noqa: E731 -- a flow that tells where it was evaluated
+    rows, steps = torch.arange(B), torch.tensor([0, 2, 3, N - 1])
+    log_flow, log_flow_prev = dag.log_flows(flow, ro.transitions(rows, steps), beta)
+    parent, child = 100 * rows + steps + 0.5, 100 * rows + steps + 1.5  # x0_pred_reward of states j and j + 1
+    torch.testing.assert_close(log_flow, 1000.0 + ro.timesteps[steps].float() + beta * parent)
+    last = steps == N - 1
+    expected_prev = beta * child + torch.where(last, 0.0, 1000.0 + ro.timesteps[steps + 1].float())
+    torch.testing.assert_close(log_flow_prev, expected_prev)
+    assert log_flow_prev[-1] == beta * ro.reward[-1]  # the terminal boundary: beta * r(x_0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -335,27 +387,29 @@ def dark_reward(images, prompts):
     return -torch.stack([img.mean() for img in images])  # any pixel function will do for routing tests
 
 
-def step_batch(traj, j):
-    return dag.transition_batch(traj, slice(None), j)
+def step_batch(ro, j):
+    """Transition j of every trajectory of a rollout."""
+    B = len(ro.reward)
+    return ro.transitions(torch.arange(B), torch.full((B,), j))
 
 
-@pytest.mark.parametrize("which", ["ddpm", "sd"])
-def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, request):  # oracles 8, 10
-    """Parameters unchanged since the rollout, micro-batches sliced from the shuffled store as train_epoch slices
-    them (mixed timesteps): the recomputed log-prob and eps equal the stored ones bitwise."""
-    args, m = load(request.getfixturevalue(f"{which}_dir"), "--sample-batch", "4", "--train-batch", "2")
-    traj = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
-    # the stored chain is consistent: each transition's child is the next transition's parent
-    assert torch.equal(traj["x_prev"][:, :-1], traj["x_t"][:, 1:])
-    assert torch.equal(traj["r_prev"][:, :-1], traj["r_t"][:, 1:]) and torch.equal(traj["r_prev"][:, -1], traj["reward"])
-    traj = dag.shuffle_transitions(traj, generator(18))
+@pytest.mark.parametrize("which, extra", [("ddpm", []), ("sd", []), ("sd", ["--no-cfg"])])
+def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, extra, request):  # oracles 8, 10
+    """Parameters unchanged since the rollout, micro-batches taken from the rollout in train_epoch's order (mixed
+    timesteps): the recomputed log-prob and eps equal the stored ones bitwise, with CFG in the training forward and
+    with --no-cfg (whose text-only forward the rollout then reproduces)."""
+    args, m = load(request.getfixturevalue(f"{which}_dir"), "--sample-batch", "4", "--train-batch", "2", *extra)
+    ro, images = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
+    assert torch.equal(dag.decode(m, ro.states[:, -1], 16), images)  # the last state is the final image's x_0
+    assert ro.x0_pred_reward.shape == (4, args.steps) and torch.equal(ro.reward, dark_reward(images, None))
+    order, perm = dag.transition_order(4, args.steps, generator(18))
     for i in range(0, 4, args.train_batch):
+        rows = order[i : i + args.train_batch]
         for j in range(args.steps):
-            batch = dag.transition_batch(traj, slice(i, i + args.train_batch), j)
-            eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], batch["text"], args.guidance_scale)
-            _, log_pf = dag.ddim_step_logprob(m.scheduler, eps, batch["t"], batch["x_t"], x_prev=batch["x_prev"])
-            assert torch.equal(log_pf, batch["log_pf_old"]), "exp(log_pf - log_pf_old) must be exactly 1"
-            reg = ((eps - batch["eps_old"]) ** 2).mean()
+            batch = ro.transitions(rows, perm[rows, j])
+            log_pf, eps = dag.policy_logprob(m, batch, args)
+            assert torch.equal(log_pf, batch.log_pf_rollout), "exp(log_pf - log_pf_rollout) must be exactly 1"
+            reg = ((eps - batch.eps_rollout) ** 2).mean()
             (grad,) = torch.autograd.grad(reg, m.lora_params[-1])
             assert reg.item() == 0.0 and (grad == 0).all()
 
@@ -363,15 +417,15 @@ def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, requ
 @pytest.mark.parametrize("which", ["ddpm", "sd"])
 def test_gradient_routing_db_and_kl(which, request):  # oracle 9
     args, m = load(request.getfixturevalue(f"{which}_dir"))
-    traj = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(10))
-    batch = step_batch(traj, 1)
-    batch["eps_old"] = batch["eps_old"] + 0.1  # make unetreg nonzero: its value is checked below
+    ro, _ = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(10))
+    ro.eps_rollout = ro.eps_rollout + 0.1  # make unetreg nonzero: its value is checked below
+    batch = step_batch(ro, 1)
     flow_grads = {}
     for algo in ("db", "kl"):
         args.algo = algo
         m.unet.zero_grad(set_to_none=True)
         m.flow.zero_grad(set_to_none=True)
-        loss, stats = dag.transition_loss(m, batch, 3.0, args)
+        loss, stats = dag.dag_loss(m, batch, 3.0, args)
         loss.mean().backward()
         assert all(p.grad is not None for p in m.lora_params)
         lora_b = [p for n, p in m.unet.named_parameters() if "lora_B" in n]  # B = 0 at init, so only B moves first
@@ -383,16 +437,25 @@ def test_gradient_routing_db_and_kl(which, request):  # oracle 9
         assert frozen and all(p.grad is None for p in frozen)
     assert all(torch.equal(a, b) for a, b in zip(flow_grads["db"], flow_grads["kl"]))
     with torch.no_grad():
-        eps, _ = dag.predict_eps(m, batch["x_t"], batch["t"], batch["text"], args.guidance_scale)
-    assert stats["unetreg"].item() == pytest.approx(((eps - batch["eps_old"]) ** 2).mean().item(), rel=1e-5)
+        eps, _ = dag.predict_eps(m, batch.x_t, batch.t, batch.text, args.guidance_scale)
+    assert stats["unetreg"].item() == pytest.approx(((eps - batch.eps_rollout) ** 2).mean().item(), rel=1e-5)
 
 
 def test_kl_policy_term_is_the_only_theta_gradient_besides_unetreg(ddpm_dir):
     args, m = load(ddpm_dir, "--algo", "kl", "--unetreg", "0", "--kl-coef", "0")
-    traj = dag.rollout(m, dark_reward, [""] * 4, args, generator(11))
-    loss, _ = dag.transition_loss(m, step_batch(traj, 2), 2.0, args)
+    ro, _ = dag.rollout(m, dark_reward, [""] * 4, args, generator(11))
+    loss, _ = dag.dag_loss(m, step_batch(ro, 2), 2.0, args)
     loss.mean().backward()
     assert all(p.grad is None or (p.grad == 0).all() for p in m.lora_params)  # theta: nothing from loss_flow
+
+
+def test_kl_coef_defaults_to_the_final_reward_exp():  # the paper: "the final beta coefficient on the KL term"
+    args = dag.parse_args(["--algo", "kl", "--reward-exp", "30"])
+    dag.check_args(args)
+    assert args.kl_coef == 30.0
+    args = dag.parse_args(["--algo", "kl", "--kl-coef", "2"])
+    dag.check_args(args)
+    assert args.kl_coef == 2.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -402,17 +465,17 @@ def test_kl_policy_term_is_the_only_theta_gradient_besides_unetreg(ddpm_dir):
 
 def test_flow_alone_halves_the_db_loss(ddpm_dir):  # oracle 15a
     args, m = load(ddpm_dir)
-    traj = dag.rollout(m, dark_reward, [""] * 4, args, generator(12))
-    batches = [step_batch(traj, j) for j in range(args.steps)]
-    log_pb = [dag.backward_logprob(m.scheduler, b["t"], b["x_t"], b["x_prev"]) for b in batches]
+    ro, _ = dag.rollout(m, dark_reward, [""] * 4, args, generator(12))
+    batches = [step_batch(ro, j) for j in range(args.steps)]
+    log_pb = [dag.backward_logprob(m.scheduler, b.t, b.x_t, b.x_prev) for b in batches]
     opt = torch.optim.AdamW(m.flow.parameters(), lr=3e-4)
     losses = []
-    for _ in range(30):  # theta is fixed, so log_pf = log_pf_old exactly (see the ratio test)
+    for _ in range(30):  # theta is fixed, so log_pf = log_pf_rollout exactly (see the ratio test)
         opt.zero_grad()
         loss = 0.0
         for b, lpb in zip(batches, log_pb):
-            log_flow, log_flow_prev = dag.log_flows(m, b, 5.0)
-            loss = loss + dag.db_loss(log_flow, b["log_pf_old"], lpb, log_flow_prev).mean()
+            log_flow, log_flow_prev = dag.log_flows(m.flow, b, 5.0)
+            loss = loss + dag.db_loss(log_flow, b.log_pf_rollout, lpb, log_flow_prev).mean()
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -421,25 +484,25 @@ def test_flow_alone_halves_the_db_loss(ddpm_dir):  # oracle 15a
 
 @pytest.mark.parametrize("algo", ["db", "kl"])
 def test_policy_step_favours_transitions_toward_higher_reward(algo, ddpm_dir):  # oracle 15b, one step
-    """With F_phi = 0 and a large reward_exp, the DB residual is ~ reward_exp * (r_t - r_prev): one small policy step
-    must raise log p_theta of the transitions whose child has the higher x0_pred reward, and lower the others.
-    A sign error in the residual, the advantage or the r_t / r_prev alignment flips this."""
+    """With F_phi = 0 and a large reward_exp, the DB residual is ~ reward_exp * (r_parent - r_child): one small policy
+    step must raise log p_theta of the transitions whose child has the higher x0_pred reward, and lower the others.
+    A sign error in the residual, the advantage or the parent / child alignment flips this."""
     args, m = load(ddpm_dir, "--algo", algo, "--train-batch", "4", "--unetreg", "0")
-    traj = dag.rollout(m, dark_reward, [""] * 4, args, generator(13))
+    ro, _ = dag.rollout(m, dark_reward, [""] * 4, args, generator(13))
     torch.nn.init.zeros_(m.flow.head.weight)
     torch.nn.init.zeros_(m.flow.head.bias)
     m.flow.requires_grad_(False)
-    batches = [step_batch(traj, j) for j in range(args.steps)]
+    batches = [step_batch(ro, j) for j in range(args.steps)]
     for b in batches:
-        dag.transition_loss(m, b, 1e4, args)[0].mean().backward()
+        dag.dag_loss(m, b, 1e4, args)[0].mean().backward()
+    r = torch.cat([ro.x0_pred_reward, ro.reward[:, None]], dim=1)  # (B, N + 1): every state's reward, x_0 last
     with torch.no_grad():
         for p in m.lora_params:
             p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)
         gain, change = [], []
-        for b in batches:
-            eps, _ = dag.predict_eps(m, b["x_t"], b["t"], None, None)
-            change.append(dag.ddim_step_logprob(m.scheduler, eps, b["t"], b["x_t"], x_prev=b["x_prev"])[1] - b["log_pf_old"])
-            gain.append(b["r_prev"] - b["r_t"])
+        for j, b in enumerate(batches):
+            change.append(dag.policy_logprob(m, b, args)[0] - b.log_pf_rollout)
+            gain.append(r[:, j + 1] - r[:, j])
     gain, change = torch.cat(gain), torch.cat(change)
     assert change.abs().max() > 0
     assert (gain * change).sum() > 0, (gain, change)  # first order: lr * reward_exp * gain^T J D J^T gain >= 0
@@ -495,6 +558,19 @@ def test_missing_model_offline_is_one_clear_line(tmp_path, capsys):
         dag.main(cli("no-such-org/no-such-model", tmp_path))
     assert exit_info.value.code == 2
     assert "--model /path/to/the/local/copy" in capsys.readouterr().err
+
+
+def test_an_unsupported_prediction_type_is_one_line(ddpm_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "sample-model"
+    shutil.copytree(ddpm_dir, model)
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "sample"}))
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main(cli(str(model), tmp_path / "run"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "prediction_type 'sample' is not supported" in err and len(err.splitlines()) == 1
 
 
 def test_refuses_to_overwrite_a_run(ddpm_dir, tmp_path, capsys):
@@ -675,18 +751,17 @@ def test_ddpo_step_favours_trajectories_with_positive_advantage(ddpm_dir, tmp_pa
     by ~1e-4 through drift), so this first-order check is the learning-signal test, as for DAG above."""
     args, m = load(ddpm_dir, "--algo", "ddpo", "--sample-batch", "8", "--train-batch", "8")
     m.counts.clear()
-    traj = dag.rollout(m, dag.counted(brightness(), m.counts), [""] * 8, args, generator(42), x0_reward=False)
-    assert m.counts["reward_fwd"] == 8 and (traj["r_t"] == 0).all()  # one reward per final image, none per state
-    traj["advantage"] = dag.per_prompt_advantages(traj["reward"], torch.zeros(8, dtype=torch.long), {}, 16, 16)
-    batches = [dag.transition_batch(traj, slice(0, 8), j) for j in range(args.steps)]
+    ro, _ = dag.ddpo_rollout(m, dag.counted(brightness(), m.counts), [""] * 8, args, generator(42))
+    assert m.counts["reward_fwd"] == 8 and ro.x0_pred_reward is None  # one reward per final image, none per state
+    advantages = dag.per_prompt_advantages(ro.reward, torch.zeros(8, dtype=torch.long), {}, 16, 16)
+    batches = [step_batch(ro, j) for j in range(args.steps)]
     for b in batches:
-        dag.transition_loss(m, b, 0.0, args)[0].mean().backward()
+        dag.ddpo_loss(m, b, advantages[b.rows], args)[0].mean().backward()
     with torch.no_grad():
         for p in m.lora_params:
             p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)
-        change = sum(dag.ddim_step_logprob(m.scheduler, dag.predict_eps(m, b["x_t"], b["t"], None, None)[0], b["t"],
-                                           b["x_t"], x_prev=b["x_prev"])[1] - b["log_pf_old"] for b in batches)  # fmt: skip
-    assert change.abs().max() > 0 and (traj["advantage"] * change).sum() > 0
+        change = sum(dag.policy_logprob(m, b, args)[0] - b.log_pf_rollout for b in batches)
+    assert change.abs().max() > 0 and (advantages * change).sum() > 0
 
     dag.main(cli(ddpm_dir, tmp_path, "--algo", "ddpo", "--epochs", "2"))  # end to end: no flow, history saved
     state = torch.load(tmp_path / "checkpoint-2" / "training_state.pt", weights_only=False)
@@ -799,11 +874,11 @@ def test_grad_checkpointing_gives_the_same_gradients(sd_dir, monkeypatch):
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     for extra in ([], ["--grad-checkpointing"]):
         args, m = load(sd_dir, *extra)
-        traj = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(30))
+        ro, _ = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(30))
         calls.clear()
         saved = []  # activations kept for the backward, in elements
         with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
-            loss, _ = dag.transition_loss(m, dag.transition_batch(traj, slice(0, 2), 1), 5.0, args)
+            loss, _ = dag.dag_loss(m, ro.transitions(torch.arange(2), torch.ones(2, dtype=torch.long)), 5.0, args)
         loss.mean().backward()
         runs.append((len(calls), sum(saved), [p.grad.clone() for p in m.lora_params]))
     (plain_calls, plain_saved, plain), (checkpointed_calls, checkpointed_saved, checkpointed) = runs
