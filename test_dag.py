@@ -1177,10 +1177,9 @@ def test_prompt_sets_and_their_eval_splits(monkeypatch, tmp_path):
     hpd = {style: [f"{style} {i}" for i in range(12)] for style in rewards.HPD_STYLES}
     for style, prompts in hpd.items():
         (tmp_path / f"{style}.json").write_text(json.dumps(prompts))
-    (tmp_path / "config.json").write_text(json.dumps({"id2label": {str(i): f"class {i}" for i in range(1000)}}))
 
     def fake_download(repo, filename, repo_type=None):
-        assert (repo, repo_type) in (("zhwang/HPDv2", "dataset"), ("google/vit-base-patch16-224", None))
+        assert (repo, repo_type) == ("zhwang/HPDv2", "dataset"), "only HPDv2 is downloaded"
         return str(tmp_path / Path(filename).name)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
@@ -1189,8 +1188,9 @@ def test_prompt_sets_and_their_eval_splits(monkeypatch, tmp_path):
     train, held = rewards.prompt_set("hpd_photo_painting")
     assert held == hpd["photo"][:10] + hpd["paintings"][:10] and train == hpd["photo"][10:] + hpd["paintings"][10:]
     assert len(rewards.prompt_set("hpd")[0]) == 4 * 2
-    train, held = rewards.prompt_set("imagenet_all")
-    assert len(train) == 1000 and train[999] == "class 999" and held == train[::125]
+    train, held = rewards.prompt_set("imagenet_all")  # shipped in rewards.py: no download
+    assert len(train) == 1000 and held == train[::125] and train[0] == "tench, Tinca tinca"
+    assert train[999] == "toilet tissue, toilet paper, bathroom tissue" and all(name.strip() == name for name in train)
     train, held = rewards.prompt_set("simple_animals")
     assert len(train) == 45 and set(held) <= set(train)
 
