@@ -58,10 +58,12 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -72,6 +74,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+# NOTE: transformers says at import that torchvision is absent and it falls back to its PIL image processors; nothing
+# here uses them (rewards.py preprocesses with tensor ops), so that one message is filtered out.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block
@@ -506,13 +512,17 @@ def dag_loss(m, batch, reward_exp, args):
 
 
 def optimizer_step(m, optimizer, args):
-    """Average gradients over ranks, clip LoRA and flow separately (max norm --max-grad-norm), step."""
+    """Average gradients over ranks, clip LoRA and flow separately (max norm --max-grad-norm), step. -> True, or
+    False when a gradient norm is not finite (a NaN or inf loss): that step is skipped, so it never reaches the weights.
+    Every rank decides on the same averaged gradients, so the ranks stay in sync."""
     average_gradients(m.lora_params + m.flow_params)
-    for params in (m.lora_params, m.flow_params):
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    optimizer.step()
+    norms = [torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) for params in (m.lora_params, m.flow_params)
+             if params]  # fmt: skip
+    finite = bool(torch.isfinite(torch.stack(norms)).all())
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return finite
 
 
 def transition_order(B, N, generator):
@@ -527,10 +537,10 @@ def transition_order(B, N, generator):
 def train_epoch(m, ro, optimizer, loss_fn, args, generator, rank=0):
     """One pass over a rollout: for each micro-batch of train_batch trajectories, for j in 0..N-1, backward
     loss_fn(one permuted transition of each).mean() / (grad_accum * N); an optimizer step every grad_accum
-    micro-batches. -> mean stats over the epoch and all ranks (dict of floats)."""
+    micro-batches. -> mean stats over the epoch and all ranks, and steps_taken: one bool per optimizer step."""
     B, N = ro.log_pf_rollout.shape
     order, perm = (v.to(m.device) for v in transition_order(B, N, generator))
-    stats, micro_batches = [], range(0, B, args.train_batch)
+    stats, taken, micro_batches = [], [], range(0, B, args.train_batch)
     for k, i in enumerate(tqdm(micro_batches, desc="train", disable=rank != 0, leave=False)):
         rows = order[i : i + args.train_batch]
         for j in range(N):
@@ -538,9 +548,9 @@ def train_epoch(m, ro, optimizer, loss_fn, args, generator, rank=0):
             (loss.mean() / (args.grad_accum * N)).backward()
             stats.append(s)
         if (k + 1) % args.grad_accum == 0:
-            optimizer_step(m, optimizer, args)
+            taken.append(optimizer_step(m, optimizer, args))
     local = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0, keepdim=True)  # (1, n_stats)
-    return dict(zip(stats[0], gather(local).mean(0).tolist()))
+    return {**dict(zip(stats[0], gather(local).mean(0).tolist())), "steps_taken": taken}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -634,11 +644,14 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default="runs/dag", help="run directory: args.json, log.jsonl, grids, checkpoints")
-    g.add_argument("--save-every", type=int, default=10, help="checkpoint every k epochs and at the end")
+    g.add_argument("--save-every", type=int, default=10,
+                   help="keep the checkpoint of every k-th epoch and the last (each epoch's rolls until then)")
     g.add_argument("--eval-every", type=int, default=10, help="evaluate at epoch 0, every k epochs, at the end; 0: off")
     g.add_argument("--eval-prompts", default=None, help="set or file to evaluate on (default: --prompts' eval split)")
     g.add_argument("--eval-samples", type=int, default=4, help="k fixed noise seeds per eval prompt (>= 2, diversity)")
-    g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint directory")
+    g.add_argument("--resume", default=None, help="'auto' (newest readable checkpoint in --out) or a checkpoint dir")
+    g.add_argument("--allow-changes", default=None, metavar="NAMES",
+                   help="resume with these recorded settings changed, comma-separated (e.g. epochs)")
     return p.parse_args(argv)
 
 
@@ -674,6 +687,17 @@ def check_args(args):
             "its own statistics)")
     if args.algo == "kl" and args.train_batch < 2:
         die("--algo kl needs --train-batch >= 2 (the leave-one-out baseline needs two samples)")
+    if args.lora_rank < 1:
+        die("--lora-rank must be >= 1")
+    for name, low in (("lr", 0), ("flow_lr", 0), ("max_grad_norm", 0), ("clip_range", 0), ("adv_clip", 0),
+                      ("weight_decay", None), ("reward_exp", None), ("kl_coef", None), ("unetreg", None),
+                      ("guidance_scale", None)):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if low == 0 else value >= 0)):
+            die(f"--{name.replace('_', '-')} must be a finite number {'> 0' if low == 0 else '>= 0'}, not {value}")
+    unknown = set(filter(None, (args.allow_changes or "").split(","))) - set(RUN_SETTINGS)
+    if unknown:
+        die(f"--allow-changes: {', '.join(sorted(unknown))} is not a recorded setting ({', '.join(RUN_SETTINGS)})")
     args.flow_lr = args.lr if args.flow_lr is None else args.flow_lr
     # "For DAG-KL, we put the final beta coefficient on the KL gradient term" (the paper's training details)
     args.kl_coef = args.reward_exp if args.kl_coef is None else args.kl_coef
@@ -753,27 +777,41 @@ def gather(tensor):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def pipeline_index(model):
-    """The pipeline's model_index.json (which components it has), once its scheduler's prediction type is known to
-    be supported; or one error line."""
+def where(model):
+    """How a --model value was read: a local directory if one exists at that path, else a hub id."""
+    return f"local directory {model!r}" if Path(model).is_dir() else f"hub id {model!r}"
+
+
+def pipeline_index(model, steps):
+    """The pipeline's model_index.json (which components it has), once its scheduler is known to fit: a supported
+    prediction type, and --steps within its schedule. Any problem is one error line, before weights load."""
     try:
         index = DiffusionPipeline.load_config(model)
-        prediction = DDIMScheduler.load_config(model, subfolder="scheduler").get("prediction_type", "epsilon")
+        config = DDIMScheduler.load_config(model, subfolder="scheduler")
     except Exception as e:  # noqa: BLE001 -- every hub / filesystem failure means the same thing to the user
-        die(f"cannot load model {model!r} ({e.__class__.__name__}). Offline, download it once elsewhere "
-            f"(huggingface-cli download {model}) and pass --model /path/to/the/local/copy")  # fmt: skip
+        if Path(model).is_dir():
+            die(f"{where(model)} is not a diffusers pipeline: {e.__class__.__name__} reading its model_index.json or "
+                "scheduler/scheduler_config.json (a partial copy?)")
+        die(f"cannot fetch {where(model)} ({e.__class__.__name__}; no local directory of that name either). Offline, "
+            f"download it once elsewhere (hf download {model} --local-dir DIR) and pass --model DIR")  # fmt: skip
+    prediction, T = config.get("prediction_type", "epsilon"), config.get("num_train_timesteps", 1000)
     if prediction not in ("epsilon", "v_prediction"):
         die(f"{model}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+    if steps >= T:  # leading spacing with offset 1: t = 1 + j * (T // N) must stay below T
+        die(f"--steps {steps}: the model's schedule has {T} training timesteps, so at most {T - 1} DDIM steps")
     return index
 
 
 def load_models(args, device, index=None):
     """-> Models with LoRA attached to the UNet, and a flow net for DAG (none for the baselines)."""
-    index = index or pipeline_index(args.model)
+    index = index or pipeline_index(args.model, args.steps)
     conditional = "text_encoder" in index
     dtype = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else torch.float32
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
-    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **skip)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **skip)
+    except Exception as e:  # noqa: BLE001 -- a missing or truncated weights file, a partial download
+        die(f"cannot load the weights of {where(args.model)}: {e.__class__.__name__}: {e}")
     scheduler = ddim_scheduler(pipe.scheduler.config, args.steps)
     unet = pipe.unet.to(device).requires_grad_(False)
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
@@ -820,13 +858,15 @@ def count_evaluations(module, kind, counts):
     module.register_forward_hook(count_backward)
 
 
-def counted(reward_fn, counts):
-    """The reward fn, tallying images scored in counts["reward_fwd"], and its image embedding (used for diversity),
-    if it has one, in counts["reward_embed_fwd"]."""
+def counted(reward_fn, counts, name="the reward"):
+    """The reward fn, checked and counted: every call's output must be a finite float tensor of shape (B,) on the
+    images' device, else the run stops with one line naming the reward, what was wrong and the fix (a NaN would
+    otherwise reach the weights through the loss). Tallies images scored in counts["reward_fwd"], and calls of its
+    image embedding (used for diversity), if it has one, in counts["reward_embed_fwd"]."""
 
     def fn(images, prompts):
         counts["reward_fwd"] += len(images)
-        return reward_fn(images, prompts)
+        return check_reward(reward_fn(images, prompts), name, images)
 
     def embed(images):
         counts["reward_embed_fwd"] += len(images)
@@ -834,6 +874,23 @@ def counted(reward_fn, counts):
 
     fn.embed = embed if getattr(reward_fn, "embed", None) is not None else None
     return fn
+
+
+def check_reward(scores, name, images):
+    """`scores` if it is a finite float (B,) tensor on images.device; otherwise one error line."""
+    B, fix = len(images), f"return one finite float score per image: a tensor of shape ({len(images)},)"
+    if not torch.is_tensor(scores):
+        die(f"reward {name!r} returned a {type(scores).__name__}, not a tensor: {fix}")
+    if scores.shape != (B,) or not scores.is_floating_point():
+        die(f"reward {name!r} returned a {scores.dtype} tensor of shape {tuple(scores.shape)} for {B} images: {fix}")
+    if scores.device != images.device:
+        die(f"reward {name!r} returned scores on {scores.device}, the images are on {images.device}: return them on "
+            "images.device")
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        die(f"reward {name!r} returned {bad} non-finite score(s) (nan or inf) for {B} images: make it finite, e.g. "
+            "clamp or torch.nan_to_num its output")
+    return scores
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -945,33 +1002,57 @@ def evaluate(m, reward_fn, prompts, args, rank, world):
     return record, (images.float().cpu() / 255, [f"seed {s}: {prompts[p]}" for p, s in pairs], scores.tolist())
 
 
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (steps of 1, 2 or 5 x 10^k) spanning [lo, hi], and the decimals to print them with."""
+    if not hi > lo:
+        lo, hi = lo - max(abs(lo), 1.0) * 0.05, hi + max(abs(hi), 1.0) * 0.05
+    raw = (hi - lo) / max(n - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(k * power for k in (1, 2, 5, 10) if k * power >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks = [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+    return ticks, max(0, -math.floor(math.log10(step)))
+
+
 def plot_curves(path, log, evals):
-    """curves.png: training reward, eval reward and eval diversity against epoch (PIL only, no plotting library)."""
+    """curves.png: training reward, eval reward and eval diversity against epoch (PIL only, no plotting library).
+    Each panel's axes have labelled round ticks, so a small change does not look like a large one; non-finite points
+    are left out (and counted in the title)."""
     panels = [("train reward (mean)", [(r["epoch"], r["reward_mean"]) for r in log]),
               ("eval reward (mean, fixed noise)", [(r["epoch"], r["eval_reward_mean"]) for r in evals]),
               ("eval diversity", [(r["epoch"], r["diversity"]) for r in evals])]  # fmt: skip
-    W, H, pad = 380, 260, 46
+    W, H = 400, 280
     image = Image.new("RGB", (W * len(panels), H), "white")
     draw = ImageDraw.Draw(image)
     for i, (title, points) in enumerate(panels):
-        left, right, top, bottom = i * W + pad, (i + 1) * W - 12, 24, H - 30
-        draw.text((left, 6), title, fill="black")
+        left, right, top, bottom = i * W + 64, (i + 1) * W - 14, 24, H - 34
+        finite = [(x, y) for x, y in points if math.isfinite(y)]
+        dropped = f" ({len(points) - len(finite)} non-finite left out)" if len(finite) < len(points) else ""
+        draw.text((left, 6), title + dropped, fill="black")
         draw.rectangle((left, top, right, bottom), outline="gray")
-        if not points:
+        if not finite:
             continue
-        xs, ys = zip(*points)
-        x_lo, x_hi, y_lo, y_hi = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
-        y_lo, y_hi = (y_lo - 0.5, y_hi + 0.5) if y_hi == y_lo else (y_lo, y_hi)
-        xy = [(left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
-              for x, y in points]  # data -> pixel coordinates
+        xs, ys = zip(*finite)
+        y_ticks, decimals = nice_ticks(min(ys), max(ys))
+        x_ticks, _ = nice_ticks(min(xs), max(max(xs), min(xs) + 1))
+        x_ticks = [x for x in x_ticks if x == int(x)]
+        (x_lo, x_hi), (y_lo, y_hi) = (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
+        to_px = lambda x, y: (left + (x - x_lo) / (x_hi - x_lo) * (right - left),  # noqa: E731
+                              bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))  # fmt: skip
+        for y in y_ticks:
+            _, py = to_px(x_lo, y)
+            draw.line((left, py, right, py), fill=(230, 230, 230))
+            draw.text((i * W + 4, py - 6), f"{y:.{decimals}f}", fill="black")
+        for x in x_ticks:
+            px, _ = to_px(x, y_lo)
+            draw.line((px, bottom, px, bottom + 4), fill="gray")
+            draw.text((px - 6, bottom + 6), f"{int(x)}", fill="black")
+        draw.text((right - 30, H - 14), "epoch", fill="gray")
+        xy = [to_px(x, y) for x, y in finite]
         if len(xy) > 1:
             draw.line(xy, fill="steelblue", width=2)
         for x, y in xy:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill="steelblue")
-        draw.text((i * W + 2, top), f"{y_hi:.4g}", fill="black")
-        draw.text((i * W + 2, bottom - 10), f"{y_lo:.4g}", fill="black")
-        draw.text((left, bottom + 4), f"epoch {x_lo}", fill="black")
-        draw.text((right - 60, bottom + 4), f"epoch {x_hi}", fill="black")
     image.save(path)
 
 
@@ -988,58 +1069,141 @@ def save_grid(path, images, prompts, scores, cols=4, size=192):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Checkpoints and resume
+# Checkpoints, resume, and stopping cleanly
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class RunFailed(Exception):
+    """A failure the run reports in one line (exit status 1): a full disk, non-finite gradients that persist."""
+
+
+class Stop(Exception):
+    """SIGTERM or SIGINT arrived: the run ends, its newest checkpoint intact."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """While active, SIGTERM (what a cluster scheduler sends before it kills a job) and SIGINT (Ctrl-C) raise Stop as
+    soon as Python regains control from the running torch op, so a run ends within seconds. Inside
+    `with signals.deferred():` (a log line, a checkpoint) the Stop waits for the block to finish, so no file is left
+    half written. A context manager: the previous handlers are restored on exit."""
+
+    def __enter__(self):
+        self.depth, self.pending = 0, None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+        else:
+            raise Stop(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Stop(signum)
 
 
 def rng_state(generators):
     return {name: g.get_state() for name, g in generators.items()}
 
 
-def save_checkpoint(out, epoch, m, optimizer, generators, rank, history, algo):
-    """Rank 0 writes OUT/checkpoint-EPOCH atomically (temp dir + rename); every rank's RNG states are included, and
-    DDPO's per-prompt reward history (the same on every rank)."""
+def checkpoints(out):
+    """OUT's checkpoint-EPOCH directories, newest first."""
+    found = [p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
+def fsync_tree(path):
+    """Flush every file under `path`, and the directories themselves, to disk."""
+    for p in [*sorted(path.rglob("*")), path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(out, epoch, m, optimizer, generators, rank, history, algo, keep):
+    """Rank 0 writes OUT/checkpoint-EPOCH: the files go to a temp directory, are fsynced, and the directory is renamed,
+    so a kill or a full disk never leaves a broken checkpoint. Then the older checkpoints that `keep(epoch)` does not
+    keep are deleted. Includes every rank's RNG states and DDPO's per-prompt history (the same on every rank).
+    Raises RunFailed, on every rank, when the weights are not finite or the write fails."""
     states = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(states, rng_state(generators))
     else:
         states[0] = rng_state(generators)
-    digests = parameter_digest(m.lora_params + m.flow_params)
+    params = m.lora_params + m.flow_params
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise RunFailed(f"refusing to write checkpoint-{epoch}: the trainable weights are not finite")
+    digests, error = parameter_digest(params), ""
     if rank == 0:
         final, tmp = out / f"checkpoint-{epoch}", out / f".checkpoint-{epoch}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(m.unet).items()}
-        if m.conditional:  # diffusers' LoRA format, what pipe.load_lora_weights(dir) reads
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora))
-        else:
-            save_file(lora, tmp / "pytorch_lora_weights.safetensors")  # peft key format (UNet2DModel)
-        state = {"epoch": epoch, "algo": algo, "lora": lora, "flow": None if m.flow is None else m.flow.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": states, "digests": digests,
-                 "ddpo_history": history}  # fmt: skip
-        torch.save(state, tmp / "training_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(m.unet).items()}
+            if m.conditional:  # diffusers' LoRA format, what pipe.load_lora_weights(dir) reads
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora))
+            else:
+                save_file(lora, tmp / "pytorch_lora_weights.safetensors")  # peft key format (UNet2DModel)
+            state = {"epoch": epoch, "algo": algo, "lora": lora, "optimizer": optimizer.state_dict(), "rng": states,
+                     "flow": None if m.flow is None else m.flow.state_dict(), "digests": digests,
+                     "ddpo_history": history}  # fmt: skip
+            torch.save(state, tmp / "training_state.pt")
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_tree(out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            intact = next((p.name for p in checkpoints(out)), None)
+            error = (f"{e.strerror or e} while writing checkpoint-{epoch}; "
+                     f"{intact + ' is intact' if intact else 'there is no earlier checkpoint'}")  # fmt: skip
+        for old in checkpoints(out)[1:] if not error else []:
+            if not keep(int(old.name.split("-")[1])):
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():  # every rank learns whether rank 0's write failed
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        raise RunFailed(error)
     if len(set(digests)) > 1:
         raise RuntimeError(f"ranks diverged: trainable-weight digests {digests}")
 
 
-def find_checkpoint(out, resume):
-    """'auto' -> the newest complete OUT/checkpoint-* (or None); otherwise the given directory."""
-    if resume != "auto":
-        path = Path(resume)
-        if not (path / "training_state.pt").is_file():
-            die(f"--resume {resume!r}: no training_state.pt in that directory")
-        return path
-    done = [p for p in out.glob("checkpoint-*") if (p / "training_state.pt").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+def find_checkpoint(out, resume, print0=print):
+    """-> (path, state) of the checkpoint to resume: the given directory, or for 'auto' the newest OUT/checkpoint-*
+    that loads (unreadable ones are skipped and named); (None, None) when there is none."""
+    candidates = checkpoints(out) if resume == "auto" else [Path(resume)]
+    for path in candidates:
+        try:
+            return path, torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 -- a truncated or missing file: any failure means "unreadable"
+            if resume != "auto":
+                die(f"--resume {resume!r}: cannot read {path / 'training_state.pt'} ({e.__class__.__name__})")
+            print0(f"skipping {path}: unreadable ({e.__class__.__name__}: {' '.join(str(e).split())[:120]})")
+    return None, None
 
 
-def load_checkpoint(path, m, optimizer, generators, rank, history, algo):
+def load_checkpoint(path, state, m, optimizer, generators, rank, history, algo):
     """Restore LoRA, flow, optimizer, DDPO's history and this rank's RNG streams. -> the number of completed epochs."""
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     if state.get("algo", algo) != algo:
         die(f"--resume {path}: that run trained with --algo {state['algo']}, not --algo {algo}")
     set_peft_model_state_dict(m.unet, state["lora"])
@@ -1051,6 +1215,77 @@ def load_checkpoint(path, m, optimizer, generators, rank, history, algo):
         for name, g in generators.items():
             g.set_state(state["rng"][rank][name])
     return state["epoch"]
+
+
+# Settings that change what a run computes: a resume must use the recorded ones, unless --allow-changes names them.
+RUN_SETTINGS = ("model", "model_digest", "reward", "prompts", "eval_prompts", "eval_samples", "algo", "steps", "eta",
+                "guidance_scale", "cfg", "lora_rank", "sample_batch", "num_batches", "train_batch", "grad_accum",
+                "world_size", "epochs", "reward_exp", "anneal", "kl_coef", "unetreg", "clip_range", "adv_clip",
+                "min_count", "buffer_size", "truncation", "lr", "flow_lr", "weight_decay", "max_grad_norm", "seed")
+
+
+def model_digest(unet):
+    """A fingerprint of the frozen base weights: sum_i (i + 1) * mean(w_i), float64. Another model of the same
+    shapes gives another number; bf16 vs fp32 copies of one model agree to ~1e-4 relative."""
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    return float(sum((i + 1) * p.detach().double().mean() for i, p in enumerate(frozen)))
+
+
+def run_settings(args, world, digest):
+    return {**vars(args), "world_size": world, "model_digest": digest}
+
+
+def check_resume(record, settings, start):
+    """Compare a resume's settings with the run's record (its args.json). -> the changed names (all allowed by
+    --allow-changes; otherwise one error line listing every difference)."""
+
+    def same(a, b):
+        return math.isclose(a, b, rel_tol=1e-3) if isinstance(a, float) and isinstance(b, float) else a == b
+
+    changed = [k for k in RUN_SETTINGS if k in record and not same(record[k], settings[k])]
+    allowed = set(filter(None, (settings["allow_changes"] or "").split(",")))
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        diff = "; ".join(f"{k} {record[k]!r} -> {settings[k]!r}" for k in refused)
+        die(f"--resume: settings differ from the run's record (args.json): {diff}. Resume with the recorded ones, or "
+            f"pass --allow-changes {','.join(refused)} to continue with the new ones")
+    return changed
+
+
+def beta_note(record, settings, start):
+    """What a changed --epochs (or --reward-exp) does to the beta schedule from the resumed epoch on."""
+    old, new = (reward_exp_at(start, s["epochs"], s["reward_exp"], s["anneal"]) for s in (record, settings))
+    final = math.ceil(settings["epochs"] / 2) if settings["anneal"] else 0
+    return (f"beta at epoch {start} is {new:.4g} (the recorded schedule: {old:.4g}); it reaches "
+            f"{settings['reward_exp']:g} at epoch {final}")
+
+
+def supersede(out, start):
+    """Resuming at epoch `start`: move what the resumed run will redo (log records from `start` on, checkpoints after
+    it; the whole earlier record when `start` is 0) to OUT/superseded/<time>/, so no history is ever deleted."""
+    keep = out / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in ("log.jsonl", "eval.jsonl"):
+        records = read_jsonl(out / name)
+        redo = [r for r in records if r["epoch"] >= start]
+        if redo:
+            keep.mkdir(parents=True, exist_ok=True)
+            (keep / name).write_text("".join(f"{json.dumps(r)}\n" for r in redo))
+            write_atomic(out / name, "".join(f"{json.dumps(r)}\n" for r in records if r["epoch"] < start))
+            moved.append(f"{len(redo)} {name} records")
+    for path in [p for p in checkpoints(out) if int(p.name.split("-")[1]) > start] + (
+            [out / "args.json", out / "resumes.jsonl"] if start == 0 else []):  # fmt: skip
+        if path.exists():
+            keep.mkdir(parents=True, exist_ok=True)
+            os.replace(path, keep / path.name)
+            moved.append(path.name)
+    return f"moved to {keep}: {', '.join(moved)}" if moved else ""
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1135,18 +1370,18 @@ def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
     """One AlignProp epoch with DAG's batch arithmetic: num_batches * sample_batch trajectories per process, sampled
     and trained in micro-batches of train_batch, an optimizer step every grad_accum. Sampling is training here, so
     all the time is train_s."""
-    t0, per_rank, scores, losses, grid = time.time(), args.sample_batch * args.num_batches, [], [], None
+    t0, per_rank, scores, losses, taken, grid = time.time(), args.sample_batch * args.num_batches, [], [], [], None
     for k in tqdm(range(per_rank // args.train_batch), desc="alignprop", disable=rank != 0, leave=False):
         _, batch_prompts = draw_prompts(prompts, args.train_batch, generators["cpu"])
         loss, reward, images = alignprop_loss(m, reward_fn, batch_prompts, args, generators["noise"])
         (loss.mean() / args.grad_accum).backward()
         if (k + 1) % args.grad_accum == 0:
-            optimizer_step(m, optimizer, args)
+            taken.append(optimizer_step(m, optimizer, args))
         scores.append(reward)
         losses.append(loss.detach().mean())
         grid = grid or (images.cpu()[:16], batch_prompts[:16], reward[:16].tolist())
     loss = gather(torch.stack(losses).mean().reshape(1)).mean().item()
-    return torch.cat(scores), grid, {"loss": loss, "rollout_s": 0.0, "train_s": time.time() - t0}
+    return torch.cat(scores), grid, {"loss": loss, "steps_taken": taken, "rollout_s": 0.0, "train_s": time.time() - t0}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1158,12 +1393,25 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     out = Path(args.out)
-    if args.resume is None and (out / "log.jsonl").exists():
-        die(f"{out} already holds a run: pass --resume auto to continue it, or choose another --out")
+    check_out(out, args.resume)
     rank, world, device = setup_distributed()
+    print0 = print if rank == 0 else (lambda *a, **k: None)
     try:
-        train(args, out, rank, world, device)
+        with Signals() as signals:
+            train(args, out, rank, world, device, signals)
+    except Stop as e:
+        newest = next((str(p) for p in checkpoints(out)), None)
+        print0(f"dag.py: stopped by {e}; {f'the newest checkpoint is {newest}' if newest else 'no checkpoint yet'}: "
+               "continue with --resume auto", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(128 + e.signum) from None
+    except RunFailed as e:
+        print(f"dag.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except BaseException as e:
+        if not isinstance(e, SystemExit):  # a bug or a library error: say where the run can continue from
+            newest = next((str(p) for p in checkpoints(out)), None)
+            print0(f"dag.py: {e.__class__.__name__} during training; the newest checkpoint is {newest}: continue "
+                   "with --resume auto once it is fixed", file=sys.stderr, flush=True)  # fmt: skip
         traceback.clear_frames(e.__traceback__)  # the traceback would keep train's models alive through teardown
         raise
     finally:
@@ -1172,12 +1420,28 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def check_out(out, resume):
+    """--out must be a writable directory, and a fresh one unless --resume: checked before anything heavy loads."""
+    if out.exists() and not out.is_dir():
+        die(f"--out {out} is a file, not a directory")
+    if resume is None and (any((out / n).exists() for n in ("log.jsonl", "args.json")) or checkpoints(out)):
+        die(f"{out} already holds a run: pass --resume auto to continue it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        die(f"--out {out} is not writable ({e.__class__.__name__}: {e.strerror or e})")
+
+
 CONSOLE_KEYS = ("epoch", "reward_exp", "reward_mean", "reward_std", "loss", "log_flow", "unetreg", "rollout_s",
                 "train_s", "traj_per_s", "peak_mem_gb", "sd15_tflop_per_traj")  # fmt: skip
+MAX_SKIPS_IN_A_ROW = 3  # optimizer steps with a non-finite gradient before the run stops
 
 
-def train(args, out, rank, world, device):
-    """Load everything, then the epoch loop: (evaluate) -> one epoch of --algo -> log -> (checkpoint)."""
+def train(args, out, rank, world, device, signals):
+    """Load everything, then the epoch loop: (evaluate) -> one epoch of --algo -> log -> checkpoint."""
     print0 = print if rank == 0 else (lambda *a, **k: None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # weight init; rank 0's is broadcast below anyway
@@ -1185,32 +1449,44 @@ def train(args, out, rank, world, device):
     generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank),
                   "cpu": torch.Generator().manual_seed(args.seed + rank)}  # fmt: skip
     # prompts and reward before the diffusion model, so that a mistake in either fails in seconds
-    index = pipeline_index(args.model)
+    index = pipeline_index(args.model, args.steps)
     prompts, eval_prompts = load_prompts(args, "text_encoder" in index)
     try:
         reward_fn = rewards.load(args.reward, device)
     except (ImportError, OSError, ValueError) as e:
         die(f"cannot load reward {args.reward!r}: {e}")
     m = load_models(args, device, index)
-    reward_fn = counted(reward_fn, m.counts)
+    reward_fn = counted(reward_fn, m.counts, args.reward)
     groups = [{"params": m.lora_params, "lr": args.lr}] + ([{"params": m.flow_params, "lr": args.flow_lr}]
                                                             if m.flow is not None else [])  # fmt: skip
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     broadcast_parameters(m.lora_params + m.flow_params)
+    settings = run_settings(args, world, model_digest(m.unet))
     start, history = 0, {}  # history: DDPO's rewards per prompt id
-    ckpt = find_checkpoint(out, args.resume) if args.resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, m, optimizer, generators, rank, history, args.algo)
-        print0(f"resumed from {ckpt} at epoch {start}")
+    if rank == 0:
+        for stale in out.glob(".checkpoint-*.tmp"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+    path, state = find_checkpoint(out, args.resume, print0) if args.resume else (None, None)
+    record = json.loads((out / "args.json").read_text()) if (out / "args.json").is_file() else None
+    if state is not None:
+        changed = check_resume(record, settings, state["epoch"]) if record else []
+        start = load_checkpoint(path, state, m, optimizer, generators, rank, history, args.algo)
+        print0(f"resumed from {path} at epoch {start}" + (f" with changed {', '.join(changed)}" if changed else ""))
+        if {"epochs", "reward_exp", "anneal"} & set(changed) and args.algo in ("db", "kl"):
+            print0(f"note: {beta_note(record, settings, start)}")
     elif args.resume:
         print0(f"no checkpoint in {out}: starting at epoch 0")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("log.jsonl", "eval.jsonl"):  # resuming: drop the records from the checkpoint's epoch on
-            if (out / name).exists():
-                kept = [r for r in read_jsonl(out / name) if r["epoch"] < start]
-                (out / name).write_text("".join(f"{json.dumps(r)}\n" for r in kept))
-        (out / "args.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2))
+    del state
+    with signals.deferred():
+        if rank == 0:
+            note = supersede(out, start) if args.resume else ""
+            print0(note) if note else None
+            if start == 0:  # the run's record of its settings, written once and never overwritten
+                (out / "args.json").write_text(json.dumps({**settings, "argv": sys.argv}, indent=2))
+            else:
+                with open(out / "resumes.jsonl", "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": start,
+                                        "checkpoint": str(path), "argv": sys.argv}) + "\n")  # fmt: skip
     per_rank = args.sample_batch * args.num_batches
     print0(header(args, m, world, device, len(eval_prompts)))
     # NOTE: eval mode throughout, training included: neither net has dropout or batch-norm to switch on, and train mode
@@ -1225,30 +1501,40 @@ def train(args, out, rank, world, device):
     else:
         run_epoch = lambda e: alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank)  # noqa: E731
     eval_due = lambda e: args.eval_every and (e % args.eval_every == 0 or e == args.epochs)  # noqa: E731
+    keep = lambda e: e % args.save_every == 0 or e == args.epochs  # noqa: E731 -- the others roll
+    skipped_in_a_row = 0
     for epoch in range(start, args.epochs):
         if eval_due(epoch):
-            log_evaluation(m, reward_fn, eval_prompts, args, out, epoch, rank, world)
+            log_evaluation(m, reward_fn, eval_prompts, args, out, epoch, rank, world, signals)
         m.counts.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
         local_rewards, grid, stats = run_epoch(epoch)
         seconds, all_rewards = time.time() - t0, gather(local_rewards)
+        taken = stats.pop("steps_taken")
+        for ok in taken:
+            skipped_in_a_row = 0 if ok else skipped_in_a_row + 1
+            if skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
+                raise RunFailed(f"{MAX_SKIPS_IN_A_ROW} optimizer steps in a row had a non-finite gradient (epoch "
+                                f"{epoch}); they were skipped, so the weights and checkpoints are finite")
         record = {"epoch": epoch, "reward_mean": all_rewards.mean().item(),
                   "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0, **stats,
-                  "traj_per_s": per_rank * world / seconds,
+                  "skipped_steps": taken.count(False), "traj_per_s": per_rank * world / seconds,
                   "transitions_per_s": per_rank * world * args.steps / seconds,
                   "peak_mem_gb": peak_memory_gb(device), **cost_record(m.counts, per_rank)}  # fmt: skip
-        if rank == 0:
-            print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS if k in record), flush=True)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_grid(out / f"samples-{epoch:04d}.png", *grid)
-            plot_curves(out / "curves.png", read_jsonl(out / "log.jsonl"), read_jsonl(out / "eval.jsonl"))
-        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save_checkpoint(out, epoch + 1, m, optimizer, generators, rank, history, args.algo)
+        with signals.deferred():
+            if rank == 0:  # the log line first: a kill before the checkpoint below only makes a resume redo the epoch
+                print(" | ".join(f"{k} {record[k]:.4g}" for k in CONSOLE_KEYS if k in record), flush=True)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_grid(out / f"samples-{epoch:04d}.png", *grid)
+                plot_curves(out / "curves.png", read_jsonl(out / "log.jsonl"), read_jsonl(out / "eval.jsonl"))
+            # NOTE: a checkpoint every epoch (older ones are deleted unless keep() holds them), so a kill, a crash or
+            # a full disk loses at most the epoch it interrupts
+            save_checkpoint(out, epoch + 1, m, optimizer, generators, rank, history, args.algo, keep)
     if eval_due(args.epochs):
-        log_evaluation(m, reward_fn, eval_prompts, args, out, args.epochs, rank, world)
+        log_evaluation(m, reward_fn, eval_prompts, args, out, args.epochs, rank, world, signals)
 
 
 def header(args, m, world, device, n_eval):
@@ -1266,11 +1552,13 @@ def header(args, m, world, device, n_eval):
             f"optimizer steps/epoch | global: {per_rank * world} trajectories/epoch | evaluation: {evaluation}")
 
 
-def log_evaluation(m, reward_fn, prompts, args, out, epoch, rank, world):
+def log_evaluation(m, reward_fn, prompts, args, out, epoch, rank, world, signals):
     """Evaluate; rank 0 appends to eval.jsonl, saves eval-EPOCH.png (prompt rows x seed columns) and curves.png."""
     t0 = time.time()
     record, grid = evaluate(m, reward_fn, prompts, args, rank, world)
-    if rank == 0:
+    with signals.deferred():
+        if rank != 0:
+            return
         record = {"epoch": epoch, **record, "eval_s": time.time() - t0}
         keys = ("eval_reward_mean", "eval_reward_std", "diversity", "eval_s")
         print(f"eval {epoch} | " + " | ".join(f"{k} {record[k]:.4g}" for k in keys), flush=True)

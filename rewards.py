@@ -366,7 +366,16 @@ def load(name, device="cpu"):
             factory = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"cannot import the factory {name!r} ({e})") from e
-        return factory(device=device)
+        shape = "a factory f(device=...) returning fn(images, prompts) -> (B,) scores"
+        if not callable(factory):
+            raise ValueError(f"{name!r} is a {type(factory).__name__}, not {shape}")
+        try:
+            fn = factory(device=device)
+        except TypeError as e:
+            raise ValueError(f"{name!r} is not {shape}: calling it with device= raised TypeError ({e})") from e
+        if not callable(fn):
+            raise ValueError(f"{name!r}(device=...) returned a {type(fn).__name__}, not fn(images, prompts)")
+        return fn
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}: choose from {', '.join(REWARDS)} or give module:function")
     return REWARDS[name](device=device)
