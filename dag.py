@@ -657,8 +657,14 @@ def parse_args(argv=None):
 
 def die(message):
     """A user mistake: one line on stderr and exit status 2, never a traceback."""
-    print(f"dag.py: error: {' '.join(str(message).split())}", file=sys.stderr)  # library messages can span lines
+    say(f"dag.py: error: {' '.join(str(message).split())}")  # library messages can span lines
     raise SystemExit(2)
+
+
+def say(line):
+    """One line on stderr, on a line of its own even while a progress bar is drawn."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def check_args(args):
@@ -1224,11 +1230,11 @@ RUN_SETTINGS = ("model", "model_digest", "reward", "prompts", "eval_prompts", "e
                 "min_count", "buffer_size", "truncation", "lr", "flow_lr", "weight_decay", "max_grad_norm", "seed")
 
 
-def model_digest(unet):
-    """A fingerprint of the frozen base weights: sum_i (i + 1) * mean(w_i), float64. Another model of the same
-    shapes gives another number; bf16 vs fp32 copies of one model agree to ~1e-4 relative."""
-    frozen = [p for p in unet.parameters() if not p.requires_grad]
-    return float(sum((i + 1) * p.detach().double().mean() for i, p in enumerate(frozen)))
+def model_digest(unet, n=32):
+    """A fingerprint of the frozen base weights: the middle entry of each of the first n non-constant frozen tensors.
+    Another model of the same shapes gives other numbers; a bf16 and an fp32 copy of one model agree to < 1 %."""
+    frozen = [p.detach().flatten() for p in unet.parameters() if not p.requires_grad and p.numel() > 1]
+    return [float(p[p.numel() // 2]) for p in frozen if bool(p.min() != p.max())][:n]
 
 
 def run_settings(args, world, digest):
@@ -1240,13 +1246,16 @@ def check_resume(record, settings, start):
     --allow-changes; otherwise one error line listing every difference)."""
 
     def same(a, b):
-        return math.isclose(a, b, rel_tol=1e-3) if isinstance(a, float) and isinstance(b, float) else a == b
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):  # the model digest
+            return math.dist(a, b) <= 1e-2 * math.hypot(*a)
+        return math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
 
     changed = [k for k in RUN_SETTINGS if k in record and not same(record[k], settings[k])]
     allowed = set(filter(None, (settings["allow_changes"] or "").split(",")))
     refused = [k for k in changed if k not in allowed]
     if refused:
-        diff = "; ".join(f"{k} {record[k]!r} -> {settings[k]!r}" for k in refused)
+        diff = "; ".join("model_digest (other base weights)" if k == "model_digest" else
+                         f"{k} {record[k]!r} -> {settings[k]!r}" for k in refused)  # fmt: skip
         die(f"--resume: settings differ from the run's record (args.json): {diff}. Resume with the recorded ones, or "
             f"pass --allow-changes {','.join(refused)} to continue with the new ones")
     return changed
@@ -1395,23 +1404,25 @@ def main(argv=None):
     out = Path(args.out)
     check_out(out, args.resume)
     rank, world, device = setup_distributed()
-    print0 = print if rank == 0 else (lambda *a, **k: None)
     try:
         with Signals() as signals:
             train(args, out, rank, world, device, signals)
     except Stop as e:
         newest = next((str(p) for p in checkpoints(out)), None)
-        print0(f"dag.py: stopped by {e}; {f'the newest checkpoint is {newest}' if newest else 'no checkpoint yet'}: "
-               "continue with --resume auto", file=sys.stderr, flush=True)  # fmt: skip
+        if rank == 0:
+            say(f"dag.py: stopped by {e}; {f'the newest checkpoint is {newest}' if newest else 'no checkpoint yet'}: "
+                "continue with --resume auto")
         raise SystemExit(128 + e.signum) from None
-    except RunFailed as e:
-        print(f"dag.py: error: {e}", file=sys.stderr, flush=True)
+    except RunFailed as e:  # raised on every rank alike
+        if rank == 0:
+            say(f"dag.py: error: {e}")
         raise SystemExit(1) from None
     except BaseException as e:
         if not isinstance(e, SystemExit):  # a bug or a library error: say where the run can continue from
             newest = next((str(p) for p in checkpoints(out)), None)
-            print0(f"dag.py: {e.__class__.__name__} during training; the newest checkpoint is {newest}: continue "
-                   "with --resume auto once it is fixed", file=sys.stderr, flush=True)  # fmt: skip
+            if rank == 0:
+                say(f"dag.py: {e.__class__.__name__} during training; the newest checkpoint is {newest}: continue "
+                    "with --resume auto once it is fixed")
         traceback.clear_frames(e.__traceback__)  # the traceback would keep train's models alive through teardown
         raise
     finally:

@@ -541,15 +541,101 @@ def test_full_size_cifar_ddpm_architecture(tmp_path):
     (["--eta", "1.5"], "--eta must be in (0, 1]"),
     (["--prompts", "EMPTY"], "holds no prompt"),
     (["--prompts", "/does/not/exist.txt"], "neither a prompt set"),
+    (["--steps", "1000"], "at most 999 DDIM steps"),
+    (["--steps", "2000"], "at most 999 DDIM steps"),
+    (["--lora-rank", "0"], "--lora-rank must be >= 1"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--reward-exp", "nan"], "--reward-exp must be a finite number >= 0"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
+    (["--allow-changes", "epochs,colour"], "colour is not a recorded setting"),
+    (["--out", "AFILE"], "is a file, not a directory"),
+    (["--out", "/dev/null/run"], "is not writable"),
+    (["--reward", "test_dag:NOT_A_FACTORY"], "is a int, not a factory"),
+    (["--reward", "test_dag:reward_fn_without_factory"], "is not a factory f(device=...)"),
+    (["--reward", "test_dag:factory_of_a_number"], "returned a float, not fn(images, prompts)"),
+    (["--reward", "test_dag:reward_one_too_many"], "of shape (5,) for 4 images"),
+    (["--reward", "test_dag:reward_column"], "of shape (4, 1) for 4 images"),
+    (["--reward", "test_dag:reward_scalar"], "of shape () for 4 images"),
+    (["--reward", "test_dag:reward_list"], "returned a list, not a tensor"),
+    (["--reward", "test_dag:reward_int"], "a torch.int64 tensor"),
+    (["--reward", "test_dag:reward_nan"], "returned 1 non-finite score(s)"),
+    (["--reward", "test_dag:reward_inf"], "returned 1 non-finite score(s)"),
 ])  # fmt: skip
 def test_user_mistakes_exit_2_with_one_line(extra, message, ddpm_dir, tmp_path, capsys):
+    """Each mistake: exit status 2 and one error line (the progress bars aside), no traceback, no checkpoint."""
     (tmp_path / "empty.txt").write_text("\n  \n")
-    extra = [str(tmp_path / "empty.txt") if e == "EMPTY" else e for e in extra]
+    (tmp_path / "afile").write_text("")
+    extra = [{"EMPTY": str(tmp_path / "empty.txt"), "AFILE": str(tmp_path / "afile")}.get(e, e) for e in extra]
     with pytest.raises(SystemExit) as exit_info:
         dag.main(cli(ddpm_dir, tmp_path / "run", *extra))
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    err = capsys.readouterr().err
+    assert error_lines(err) == [error_lines(err)[0]] and message in error_lines(err)[0], err
+    assert "Traceback" not in err and not list(tmp_path.glob("run/checkpoint-*"))
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("dag.py:")]
+
+
+NOT_A_FACTORY = 3
+
+
+def reward_fn_without_factory(images, prompts):  # the closure given where its factory belongs
+    return images.mean(dim=(1, 2, 3))
+
+
+def factory_of_a_number(device=None):
+    return 0.5
+
+
+def reward_one_too_many(device=None):
+    return lambda images, prompts: torch.zeros(len(images) + 1)
+
+
+def reward_column(device=None):
+    return lambda images, prompts: images.mean(dim=(1, 2, 3))[:, None]
+
+
+def reward_scalar(device=None):
+    return lambda images, prompts: images.mean()
+
+
+def reward_list(device=None):
+    return lambda images, prompts: [0.5] * len(images)
+
+
+def reward_int(device=None):
+    return lambda images, prompts: torch.zeros(len(images), dtype=torch.long)
+
+
+def reward_nan(device=None):  # one image's score is NaN
+    return lambda images, prompts: images.mean(dim=(1, 2, 3)).index_fill(0, torch.tensor([0]), float("nan"))
+
+
+def reward_inf(device=None):
+    return lambda images, prompts: images.mean(dim=(1, 2, 3)).index_fill(0, torch.tensor([1]), float("inf"))
+
+
+def reward_huge(device=None):  # finite, but reward_exp * r overflows float32: the loss and the gradients are NaN
+    return lambda images, prompts: torch.full((len(images),), 3e38)
+
+
+def test_non_finite_gradients_never_reach_the_weights(ddpm_dir, tmp_path, capsys):
+    """A loss that is NaN: every such optimizer step is skipped and counted, the checkpoint holds the initial
+    (finite) weights, and the run stops with one line after 3 skipped steps in a row (2 per epoch here)."""
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main(cli(ddpm_dir, tmp_path, "--reward", "test_dag:reward_huge", "--no-anneal", "--epochs", "3"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error_lines(err) == [error_lines(err)[0]], err
+    assert "3 optimizer steps in a row had a non-finite gradient" in err and "Traceback" not in err
+    assert [r["skipped_steps"] for r in dag.read_jsonl(tmp_path / "log.jsonl")] == [2]
+    state = torch.load(tmp_path / "checkpoint-1" / "training_state.pt", weights_only=False)
+    _, m = load(ddpm_dir)  # the same seed: the same initial LoRA and flow
+    initial = {k: v for k, v in dag.get_peft_model_state_dict(m.unet).items()}
+    assert all(torch.equal(state["lora"][k], initial[k]) for k in initial)
+    assert all(torch.equal(v, m.flow.state_dict()[k]) for k, v in state["flow"].items())
 
 
 def test_missing_model_offline_is_one_clear_line(tmp_path, capsys):
@@ -569,8 +655,21 @@ def test_an_unsupported_prediction_type_is_one_line(ddpm_dir, tmp_path, capsys):
     (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "sample"}))
     with pytest.raises(SystemExit) as exit_info:
         dag.main(cli(str(model), tmp_path / "run"))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "prediction_type 'sample' is not supported" in err and len(err.splitlines()) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and len(err) == 1 and "prediction_type 'sample' is not supported" in err[0]
+
+
+def test_a_truncated_weights_file_is_one_line(ddpm_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "partial"
+    shutil.copytree(ddpm_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main(cli(str(model), tmp_path / "run"))
+    err = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and len(err) == 1 and f"cannot load the weights of local directory '{model}'" in err[0]
 
 
 def test_refuses_to_overwrite_a_run(ddpm_dir, tmp_path, capsys):
@@ -630,38 +729,153 @@ def test_saved_lora_loads_into_a_fresh_pipeline(sd_dir, tmp_path):
     assert (after - before).abs().max() > 1e-4
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(sd_dir, tmp_path):
-    (tmp_path / "eval.txt").write_text("cat\n")
-    argv = cli(sd_dir, tmp_path / "full", "--epochs", "4", "--save-every", "1", "--lr", "1e-2", "--reward-exp", "5",
-               "--eval-every", "2", "--eval-prompts", str(tmp_path / "eval.txt"), "--eval-samples", "2")  # fmt: skip
-    full = run_script(argv)
-    output, _ = full.communicate(timeout=600)
-    assert full.returncode == 0, output
-    expected = {r["epoch"]: r for r in map(json.loads, (tmp_path / "full" / "log.jsonl").read_text().splitlines())}
+def resume_argv(sd_dir, out, eval_file):
+    return cli(sd_dir, out, "--epochs", "4", "--save-every", "1", "--lr", "1e-2", "--reward-exp", "5", "--eval-every", "2",
+               "--eval-prompts", str(eval_file), "--eval-samples", "2")  # fmt: skip
 
-    argv_cut = [a if a != str(tmp_path / "full") else str(tmp_path / "cut") for a in argv]
-    cut = run_script(argv_cut)
+
+@pytest.fixture(scope="module")
+def uninterrupted(sd_dir, tmp_path_factory):
+    """The reference run for the interruption tests: 4 epochs of the tiny SD pipeline, never stopped."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    (tmp / "eval.txt").write_text("cat\n")
+    proc = run_script(resume_argv(sd_dir, tmp / "run", tmp / "eval.txt"))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    return tmp / "run", tmp / "eval.txt"
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_interrupt_and_resume_matches_an_uninterrupted_run(how, sd_dir, uninterrupted, tmp_path):
+    """Killed (SIGKILL), or stopped as a scheduler or Ctrl-C would (SIGTERM, SIGINT), in the middle of epoch 1 or
+    later: a stopped run exits within seconds with one line and status 128 + signal, its log and newest checkpoint
+    agree, and --resume auto continues from the last completed epoch to the uninterrupted run's numbers."""
+    full, eval_file = uninterrupted
+    argv = resume_argv(sd_dir, tmp_path / "cut", eval_file)
+    cut = run_script(argv)
     while not (tmp_path / "cut" / "checkpoint-1").is_dir():
-        assert cut.poll() is None, "the run ended before it could be killed"
+        assert cut.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.02)
-    cut.send_signal(signal.SIGKILL)
-    cut.wait()
-    resumed = run_script(argv_cut + ["--resume", "auto"])
+    time.sleep(0.3)  # into the next epoch
+    sent = time.time()
+    cut.send_signal(how)
+    output, _ = cut.communicate(timeout=60)
+    if how != signal.SIGKILL:
+        assert cut.returncode == 128 + how and time.time() - sent < 15, output
+        assert [line for line in output.splitlines() if line.startswith("dag.py:")] == [
+            f"dag.py: stopped by {how.name}; the newest checkpoint is {dag.checkpoints(tmp_path / 'cut')[0]}: "
+            "continue with --resume auto"], output
+        newest = int(dag.checkpoints(tmp_path / "cut")[0].name.split("-")[1])
+        assert [r["epoch"] for r in dag.read_jsonl(tmp_path / "cut" / "log.jsonl")] == list(range(newest))
+    resumed = run_script(argv + ["--resume", "auto"])
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and "resumed from" in output, output
-    got = {}
-    for record in map(json.loads, (tmp_path / "cut" / "log.jsonl").read_text().splitlines()):
-        assert record["epoch"] not in got, "epochs after the checkpoint must be dropped from the log on resume"
-        got[record["epoch"]] = record
     start = int(output.split("at epoch ")[1].split()[0])
+    expected = {r["epoch"]: r for r in dag.read_jsonl(full / "log.jsonl")}
+    got = {}
+    for record in dag.read_jsonl(tmp_path / "cut" / "log.jsonl"):
+        assert record["epoch"] not in got, "records a resume redoes must leave the log (for superseded/)"
+        got[record["epoch"]] = record
     assert start >= 1 and set(got) == set(expected)
     for epoch in range(start, 4):
         for key in ("reward_mean", "loss", "log_flow"):
             assert got[epoch][key] == pytest.approx(expected[epoch][key], rel=1e-6, abs=1e-9), (epoch, key)
-    evals = [json.loads(line) for line in (tmp_path / "cut" / "eval.jsonl").read_text().splitlines()]
-    expected = [json.loads(line) for line in (tmp_path / "full" / "eval.jsonl").read_text().splitlines()]
+    evals, expected = (dag.read_jsonl(run / "eval.jsonl") for run in (tmp_path / "cut", full))
     assert [r["epoch"] for r in evals] == [r["epoch"] for r in expected] == [0, 2, 4]
     assert [r["eval_reward_mean"] for r in evals] == pytest.approx([r["eval_reward_mean"] for r in expected], rel=1e-6)
+
+
+def test_resume_checks_the_recorded_settings_and_keeps_the_history(ddpm_dir, tmp_path, capsys):
+    """A resume with another reward or epoch count is refused, listing the differences; --allow-changes lets it
+    continue and says what it does to beta. args.json is never rewritten; an explicit --resume of an older
+    checkpoint moves what it redoes (log records, later checkpoints) to superseded/ instead of deleting it."""
+    run = tmp_path / "run"
+    dag.main(cli(ddpm_dir, run, "--epochs", "3", "--save-every", "1"))
+    record = (run / "args.json").read_text()
+    first = dag.read_jsonl(run / "log.jsonl")
+    for extra, listed in ((["--reward", "test_dag:brightness"], "reward 'jpeg_compressibility' -> 'test_dag:brightness'"),
+                          (["--epochs", "6"], "epochs 3 -> 6"), (["--lr", "1e-3", "--epochs", "6"], "epochs 3 -> 6; lr")):
+        with pytest.raises(SystemExit) as exit_info:
+            dag.main(cli(ddpm_dir, run, "--epochs", "3", *extra, "--resume", "auto"))
+        err = error_lines(capsys.readouterr().err)
+        assert exit_info.value.code == 2 and len(err) == 1 and listed in err[0] and "--allow-changes" in err[0], err
+
+    dag.main(cli(ddpm_dir, run, "--epochs", "4", "--resume", "auto", "--allow-changes", "epochs", "--save-every", "1"))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "with changed epochs" in out and "note: beta at epoch 3 is 100" in out
+    assert [r["epoch"] for r in dag.read_jsonl(run / "log.jsonl")] == [0, 1, 2, 3]
+    assert (run / "args.json").read_text() == record and len(dag.read_jsonl(run / "resumes.jsonl")) == 1
+
+    dag.main(cli(ddpm_dir, run, "--epochs", "3", "--resume", str(run / "checkpoint-1")))  # back to the recorded 3
+    assert "moved to" in capsys.readouterr().out
+    log = dag.read_jsonl(run / "log.jsonl")
+    (superseded,) = (run / "superseded").iterdir()
+    assert [r["epoch"] for r in log] == [0, 1, 2] and [r["epoch"] for r in dag.read_jsonl(superseded / "log.jsonl")] == [1, 2, 3]
+    assert {p.name for p in superseded.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-3", "checkpoint-4"}
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in first], rel=1e-6)  # epochs 1-2 redone alike
+
+
+def test_a_different_model_of_the_same_shapes_is_not_resumed(ddpm_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ddpm_dir, model)
+    dag.main(cli(str(model), tmp_path / "run", "--epochs", "1"))
+    shutil.rmtree(model)
+    torch.manual_seed(1)  # the same architecture, other weights, at the same path
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    DDPMPipeline(unet=UNet2DModel(**SMALL_UNET), scheduler=DDPMScheduler(**CIFAR_SCHEDULER)).save_pretrained(model)
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main(cli(str(model), tmp_path / "run", "--epochs", "1", "--resume", "auto"))
+    err = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and "model_digest" in err[0], err
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped(ddpm_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    dag.main(cli(ddpm_dir, run, "--epochs", "2", "--save-every", "1"))
+    state = run / "checkpoint-2" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # e.g. a disk error after the rename
+    capsys.readouterr()
+    dag.main(cli(ddpm_dir, run, "--epochs", "2", "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert f"skipping {run / 'checkpoint-2'}: unreadable" in out and f"resumed from {run / 'checkpoint-1'} at epoch 1" in out
+    assert [r["epoch"] for r in dag.read_jsonl(run / "log.jsonl")] == [0, 1]
+    assert torch.load(state, weights_only=False)["epoch"] == 2  # rewritten by the resumed run
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_last_checkpoint_intact(ddpm_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if ".checkpoint-2.tmp" in str(path):
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main(cli(ddpm_dir, run, "--epochs", "3"))
+    err = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 1 and err == [
+        "dag.py: error: No space left on device while writing checkpoint-2; checkpoint-1 is intact"]
+    assert not list(run.glob(".checkpoint-*")) and torch.load(run / "checkpoint-1" / "training_state.pt")["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    (run / ".checkpoint-7.tmp").mkdir()  # a temp directory left by a kill mid-save is cleaned at the next start
+    dag.main(cli(ddpm_dir, run, "--epochs", "3", "--resume", "auto"))
+    assert not (run / ".checkpoint-7.tmp").exists() and [p.name for p in dag.checkpoints(run)] == ["checkpoint-3"]
+
+
+def test_curves_have_round_ticks_and_skip_non_finite_points(tmp_path):
+    assert dag.nice_ticks(0.50227, 0.5025) == ([0.5022, 0.5023, 0.5024, 0.5025], 4)  # a 3e-4 change: 4 decimals
+    assert dag.nice_ticks(0, 30) == ([0, 10, 20, 30], 0)
+    log = [{"epoch": e, "reward_mean": v} for e, v in enumerate([0.5, float("nan"), 0.6, float("inf")])]
+    dag.plot_curves(tmp_path / "curves.png", log, [])
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
