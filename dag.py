@@ -2,19 +2,12 @@
 
 DAG post-trains a diffusion model against a black-box reward r(x0). The N-step DDIM sampler is read as a GFlowNet:
 a state is (x_t, t, prompt), the forward policy p_theta(x_prev | x_t) is one stochastic DDIM step of the LoRA-adapted
-UNet, the backward policy p_B is the fixed noising kernel q(x_t | x_prev), and a small flow network F_phi(x_t, t, c)
-is trained with the policy so that the flows balance on every transition (detailed balance, DB).
-
-What the balance point is. With the fixed p_B = q and the terminal boundary F(x0) = R(x0), a zero DB residual on
-every transition makes the sampler draw x0 with probability proportional to R(x0) (times a broad envelope from
-q(x_T | x0)); the base model's density does NOT appear (q carries no data). Here log-probs are means over the
-D = C*H*W dimensions (as in the release), which makes the DB zero that of summed log-probs with log R = D * beta * r:
-the fixed point is proportional to exp(D * beta * r(x0)), D = 16384 for SD latents, i.e. essentially the reward's
-maximisers. What keeps samples close to the base model in practice is the LoRA starting at the base, the unetreg pull
-toward the previous rollout policy, and a short run (200 optimizer steps in the paper's setting), not the fixed point.
+UNet (x_prev is the child, one step closer to the image: diffusers' prev_sample), the backward policy p_B is the fixed
+noising kernel q(x_t | x_prev), and a small flow network F_phi(x_t, t, c) is trained with the policy so that the
+flows balance on every transition (detailed balance, DB).
 
 Paper: Zhang, Zhang, Gu, Zhang, Susskind, Jaitly, Zhai, "Improving GFlowNets for Text-to-Image Diffusion Alignment",
-arXiv 2406.00633v3 (TMLR 2025). Authors' release: apple/ml-diffusion-alignment-gflownet (commit 12c5952, cited below
+arXiv 2406.00633 (TMLR 2025). Authors' release: apple/ml-diffusion-alignment-gflownet (commit 12c5952, cited below
 as file:line).
 
 Per transition s = (x_t, t) -> s' = (x_prev, t_prev) of a stored rollout (beta = reward_exp, the inverse temperature):
@@ -26,6 +19,18 @@ Per transition s = (x_t, t) -> s' = (x_prev, t_prev) of a stored rollout (beta =
     DAG-KL      : residual**2 with log p_theta detached (trains phi), plus kl_coef * a PPO-clipped REINFORCE term with
                   advantage -residual (leave-one-out baseline, normalised, clipped) that trains theta   (--algo kl)
     both        : + unetreg * mean((eps_theta - eps_rollout)**2), a proximal pull toward the rollout policy
+
+The forward-looking flow (Pan et al. 2023, "Better training of GFlowNets with local credit") adds to F_phi the reward
+of the image the UNet predicts from x_t, so F_phi only learns a correction and every transition, not only the last,
+sees the reward.
+
+What the balance point is. With the fixed p_B = q and the terminal boundary F(x0) = R(x0), a zero DB residual on
+every transition makes the sampler draw x0 with probability proportional to R(x0) (times a broad envelope from
+q(x_T | x0)); the base model's density does NOT appear (q carries no data). Here log-probs are means over the
+D = C*H*W dimensions (as in the release), which makes the DB zero that of summed log-probs with log R = D * beta * r:
+the fixed point is proportional to exp(D * beta * r(x0)), D = 16384 for SD latents, i.e. essentially the reward's
+maximisers. What keeps samples close to the base model in practice is the LoRA starting at the base, the unetreg pull
+toward the previous rollout policy, and a short run (200 optimizer steps in the release's config), not the fixed point.
 
 Reading order: the DAG path (DDIM log-probs, flow network, objectives, the model calls it needs, rollout, one training
 step, the epoch) comes first; the harness (command line, distributed helpers, model loading, evaluation and cost
@@ -48,8 +53,8 @@ Usage:
         --sample-batch 8 --num-batches 1 --train-batch 4 --grad-accum 2 --epochs 4     # CPU toy run
     torchrun --nproc_per_node=8 dag.py --reward aesthetic --algo ddpo    # the same run with the DDPO baseline
 
-Shapes: B trajectories, N denoising steps, C/H/W channels/height/width of a latent (SD: 4x64x64) or of a pixel image
-(3x32x32), L = 77 text tokens, E = 768 text width.
+Shapes: B trajectories (b in a micro-batch), N denoising steps, C/H/W channels/height/width of a latent (SD: 4x64x64)
+or of a pixel image (3x32x32), L = 77 text tokens, E = 768 text width.
 """
 
 import argparse
@@ -192,8 +197,9 @@ class FlowNet(nn.Module):
 
     timestep -> sinusoid(64) -> MLP(256); conv_in 3x3 -> 4 down blocks (channels 64, 128, 256, 256, each halves H and
     W; the first three cross-attend to the L x E text states when `cross_attention_dim` is set) -> mean over all
-    spatial positions -> Linear(256, 1). The release pools with a fixed AvgPool2d(4) (flow.py:135), which fits 64x64
-    latents only; the global mean is the same there and also works for 32x32 or 8x8 pixels."""
+    spatial positions -> Linear(256, 1). The release pools with AvgPool2d(4) (flow.py:135): the global mean for 64x64
+    latents (4x4 after the downsampling), an error for 32x32 pixels, the top-left 4x4 only for 96x96 latents; the
+    global mean here equals it at 64x64 and works at any size."""
 
     def __init__(self, in_channels=4, cross_attention_dim=768, channels=(64, 128, 256, 256)):
         super().__init__()
@@ -230,17 +236,20 @@ class FlowNet(nn.Module):
 def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
     """beta_e = reward_exp * min(1, e / (num_epochs / 2)), linear over the first half (train_gfn.py:252-256).
 
-    At e = 0 beta is 0: the flow learns without the reward, and theta still gets the DB gradient toward a sampler
-    whose flows balance with log R = 0."""
+    At e = 0 beta is 0: the flow learns without the reward, and theta still learns toward a sampler whose flows
+    balance with log R = 0 (through the DB residual, or DAG-KL's policy term)."""
     if not anneal:
         return float(reward_exp)
     return float(reward_exp) * min(1.0, epoch / (0.5 * num_epochs))
 
 
 def log_flows(flow, batch, reward_exp):
-    """Forward-looking log-flows of both ends of each transition (state j -> state j + 1) -> two (b,) tensors.
+    """Forward-looking log-flows of both ends of each transition (state j -> state j + 1) -> (log_flow of x_t,
+    log_flow_prev of x_prev, the child), each (b,). `flow` is F_phi(x, t, text) -> (b,); `reward_exp` this epoch's
+    beta; `batch` a Transitions (below): x_t, x_prev (b, C, H, W), t, t_prev, step (b,) long, text (b, L, E) or None,
+    x0_pred_reward (b, N), reward (b,).
 
-        log F(state j)  = F_phi(x_t, t, c) + reward_exp * r(x0_pred(state j))          (SPEC 2; no grad to theta)
+        log F(state j)  = F_phi(x_t, t, c) + reward_exp * r(x0_pred(state j))          (no gradient to theta)
         log F(x_0)      = reward_exp * r(x_0)                                           terminal boundary
 
     The rollout scored every state once: batch.x0_pred_reward[:, j] is r(decode(x0_pred)) of state j (b, N), and
@@ -248,7 +257,7 @@ def log_flows(flow, batch, reward_exp):
     parent's (the child of step j is the state that step j + 1 starts from), and the child of the last step is x_0
     itself, where x0_pred = x_0 and the flow is pinned to the reward.
     NOTE: at that boundary F_phi is not used (the release's end_mask, train_gfn.py:545-546)."""
-    text = None if batch.text is None else batch.text.float()
+    text = None if batch.text is None else batch.text.float()  # the flow is fp32; the text states may be bf16
     n = batch.x0_pred_reward.shape[1]
     r = torch.cat([batch.x0_pred_reward, batch.reward[:, None]], dim=1)  # (b, N + 1): r of every state, x_0 last
     r_parent = r.gather(1, batch.step[:, None]).squeeze(1)
@@ -285,7 +294,7 @@ def ppo_clip_loss(log_pf, log_pf_rollout, advantages, clip_range):
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
 
 
-def kl_loss(log_flow, log_pf, log_pf_rollout, log_pb, log_flow_prev, clip_range=1e-4, adv_clip_max=5.0):
+def kl_loss(log_flow, log_pf, log_pb, log_flow_prev, log_pf_rollout, clip_range=1e-4, adv_clip_max=5.0):
     """DAG-KL, the release's form of the paper's KL gradient (train_gfn.py:552-577) -> (loss_flow, loss_policy), (B,).
 
     loss_flow trains phi only: the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped
@@ -339,6 +348,7 @@ def encode_prompts(m, prompts):
 
 
 def autocast(m):
+    """bf16 autocast on CUDA when the frozen weights are bf16 (LoRA and flow weights stay fp32); otherwise nothing."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if m.dtype == torch.bfloat16 else contextlib.nullcontext()
 
 
@@ -346,7 +356,8 @@ def predict_eps(m, x_t, t, text, guidance):
     """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u); guidance=None: eps_c only.
 
     The same function runs at rollout and in the training forward, so an unchanged theta reproduces the rollout's
-    log-probs exactly (the DAG-KL ratio is 1 until the first optimizer step)."""
+    log-probs exactly (the DAG-KL ratio is 1 until the first optimizer step). NOTE: that needs the UNet in eval mode
+    in both (train() keeps it there; it has no dropout or batch-norm) and equal batch shapes (predict_eps_chunked)."""
     x = x_t.to(m.dtype)
     with autocast(m):
         if not m.conditional or guidance is None:
@@ -392,7 +403,7 @@ class Rollout:
     states: torch.Tensor  # (B, N + 1, C, H, W) fp32, exactly as sampled (so the KL ratio recomputes bitwise)
     timesteps: torch.Tensor  # (N + 1,) long: the DDPM timestep of each state, 0 for x_0
     log_pf_rollout: torch.Tensor  # (B, N) log p_theta_rollout(state j + 1 | state j), mean over dims
-    eps_rollout: torch.Tensor | None  # (B, N, C, H, W) the guided eps of step j at rollout: unetreg's target
+    eps_rollout: torch.Tensor | None  # (B, N, C, H, W) eps of step j at rollout (guided; text-only with --no-cfg)
     x0_pred_reward: torch.Tensor | None  # (B, N) raw r(decode(x0_pred(state j))), text branch, no CFG
     reward: torch.Tensor  # (B,) raw r(x_0) of the final image
     text: torch.Tensor | None  # (B, L, E) prompt states; None for an unconditional model
@@ -459,8 +470,9 @@ def rollout(m, reward_fn, prompts, args, generator):
     """Sample B = len(prompts) trajectories of N DDIM steps -> (Rollout, images (B, 3, H, W) in [0, 1]).
 
     NOTE: the x0_pred reward of each state, the forward-looking term of its log-flow, is computed here once, from the
-    text-branch eps that the CFG forward already produced (SPEC 2). The release recomputes it in the training loop,
-    twice per transition (train_gfn.py:530-543): 100 more UNet forwards, VAE decodes and reward calls per trajectory."""
+    text-branch eps that the CFG forward already produced. The release recomputes it in the training loop,
+    twice per transition (train_gfn.py:530-543): 100 more UNet forwards and 50 more VAE decodes and reward calls per
+    trajectory."""
     B = len(prompts)
     text = encode_prompts(m, prompts) if m.conditional else None
     x = torch.randn((B, *m.latent_shape), generator=generator, device=m.device)
@@ -502,10 +514,11 @@ def dag_loss(m, batch, reward_exp, args):
     if args.algo == "db":
         loss = db_loss(log_flow, log_pf, log_pb, log_flow_prev)
     else:
-        loss_flow, loss_policy = kl_loss(log_flow, log_pf, batch.log_pf_rollout, log_pb, log_flow_prev,
+        loss_flow, loss_policy = kl_loss(log_flow, log_pf, log_pb, log_flow_prev, batch.log_pf_rollout,
                                          args.clip_range, args.adv_clip)  # fmt: skip
         loss = loss_flow + args.kl_coef * loss_policy
-    unetreg = ((eps - batch.eps_rollout) ** 2).mean(dim=tuple(range(1, eps.ndim)))  # SPEC 5, coefficient --unetreg
+    # unetreg: the per-step KL(p_theta || p_rollout) without its timestep weight, a proximal pull (0 until theta moves)
+    unetreg = ((eps - batch.eps_rollout) ** 2).mean(dim=tuple(range(1, eps.ndim)))
     loss = loss + args.unetreg * unetreg
     stats = {"loss": loss, "log_pf": log_pf, "log_flow": log_flow, "unetreg": unetreg}
     return loss, {k: v.detach().mean() for k, v in stats.items()}
@@ -526,7 +539,8 @@ def optimizer_step(m, optimizer, args):
 
 
 def transition_order(B, N, generator):
-    """SPEC 6: shuffle the trajectories, and permute the N transitions of EACH trajectory independently.
+    """The release's training order: shuffle the trajectories, and permute the N transitions of EACH trajectory
+    independently (so a micro-batch mixes timesteps).
 
     -> (order (B,): trajectory of each row, perm (B, N): perm[i, j] is the step trained at pass j of trajectory i)."""
     order = torch.randperm(B, generator=generator)
@@ -560,7 +574,8 @@ def train_epoch(m, ro, optimizer, loss_fn, args, generator, rank=0):
 
 def dag_epoch(m, reward_fn, prompts, optimizer, epoch, args, generators, rank=0):
     """One DAG epoch: num_batches rollouts of sample_batch trajectories (each with random prompts), then train_epoch
-    with the DB or KL loss at this epoch's beta. -> (rewards (B,) of this rank, grid material, stats)."""
+    with the DB or KL loss at this epoch's beta. generators: "noise" (on the device: x_T and the sampler's noise) and
+    "cpu" (prompts and the training order), both seeded per rank. -> (rewards (B,) of this rank, grid, stats)."""
     reward_exp = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
     t0 = time.time()
     parts, grid = [], None
@@ -588,7 +603,8 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/stable-diffusio
 
 
 def parse_args(argv=None):
-    """Defaults are the paper's aesthetic run (the release's config/sd.yaml, SPEC 8) unless a help text says why."""
+    """Defaults: the paper's aesthetic task with the release's hyperparameters (config/sd.yaml, whose own task is
+    ImageReward), unless a help text says why."""
     p = argparse.ArgumentParser(description="DAG (DB / KL) post-training of a diffusion model against a reward, with "
                                 "the DDPO and AlignProp baselines on the same loop.",
                                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30))
@@ -672,7 +688,8 @@ def check_args(args):
     if args.reward not in rewards.REWARDS and ":" not in args.reward:
         die(f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function")
     if not 0 < args.eta <= 1:
-        die("--eta must be in (0, 1]: eta = 0 is deterministic (no log-probability), eta > 1 has no DDIM mean")
+        die("--eta must be in (0, 1]: eta = 0 is deterministic (no log-probability); eta > 1 can make 1 - a' - s_t^2 "
+            "negative (no DDIM mean)")
     for name in ("steps", "epochs", "sample_batch", "num_batches", "train_batch", "grad_accum", "save_every",
                  "decode_chunk"):  # fmt: skip
         if getattr(args, name) < 1:

@@ -290,7 +290,7 @@ def test_ppo_clip_gradient():  # oracle 7
     zero = torch.zeros(n, dtype=torch.float64)
     log_flow_prev = torch.tensor([3.0, -2.0, 1.0, -1.0, 0.5, -4.0], dtype=torch.float64)  # sets the advantages
     log_pf = torch.tensor([0.0, 0.0, 0.5, -0.5, -0.5, 0.5], dtype=torch.float64, requires_grad=True)
-    _, loss_policy = dag.kl_loss(zero, log_pf, zero, zero, log_flow_prev, clip_range=1e-4)
+    _, loss_policy = dag.kl_loss(zero, log_pf, zero, log_flow_prev, zero, clip_range=1e-4)
     loss_policy.sum().backward()
     adv = dag.leave_one_out_advantages((log_flow_prev - log_pf).detach())
     ratio = log_pf.detach().exp()
