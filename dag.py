@@ -1489,32 +1489,8 @@ def train(args, out, rank, world, device, signals):
                                                             if m.flow is not None else [])  # fmt: skip
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     broadcast_parameters(m.lora_params + m.flow_params)
-    settings = run_settings(args, world, model_digest(m.unet))
-    start, history = 0, {}  # history: DDPO's rewards per prompt id
-    if rank == 0:
-        for stale in out.glob(".checkpoint-*.tmp"):  # left by a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-    path, state = find_checkpoint(out, args.resume, print0) if args.resume else (None, None)
-    record = json.loads((out / "args.json").read_text()) if (out / "args.json").is_file() else None
-    if state is not None:
-        changed = check_resume(record, settings, state["epoch"]) if record else []
-        start = load_checkpoint(path, state, m, optimizer, generators, rank, history, args.algo)
-        print0(f"resumed from {path} at epoch {start}" + (f" with changed {', '.join(changed)}" if changed else ""))
-        if {"epochs", "reward_exp", "anneal"} & set(changed) and args.algo in ("db", "kl"):
-            print0(f"note: {beta_note(record, settings, start)}")
-    elif args.resume:
-        print0(f"no checkpoint in {out}: starting at epoch 0")
-    del state
-    with signals.deferred():
-        if rank == 0:
-            note = supersede(out, start) if args.resume else ""
-            print0(note) if note else None
-            if start == 0:  # the run's record of its settings, written once and never overwritten
-                (out / "args.json").write_text(json.dumps({**settings, "argv": sys.argv}, indent=2))
-            else:
-                with open(out / "resumes.jsonl", "a") as f:
-                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": start,
-                                        "checkpoint": str(path), "argv": sys.argv}) + "\n")  # fmt: skip
+    history = {}  # DDPO's rewards per prompt id
+    start = start_or_resume(args, out, m, optimizer, generators, history, rank, world, signals)
     per_rank = args.sample_batch * args.num_batches
     print0(header(args, m, world, device, len(eval_prompts)))
     # NOTE: eval mode throughout, training included: neither net has dropout or batch-norm to switch on, and train mode
@@ -1563,6 +1539,39 @@ def train(args, out, rank, world, device, signals):
             save_checkpoint(out, epoch + 1, m, optimizer, generators, rank, history, args.algo, keep)
     if eval_due(args.epochs):
         log_evaluation(m, reward_fn, eval_prompts, args, out, args.epochs, rank, world, signals)
+
+
+def start_or_resume(args, out, m, optimizer, generators, history, rank, world, signals):
+    """Restore the checkpoint that --resume names (checked against the run's recorded settings), move aside what the
+    resumed run will redo, and keep the record: args.json on a fresh start, a line in resumes.jsonl on a resume.
+    -> the epoch to start at."""
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    settings, start = run_settings(args, world, model_digest(m.unet)), 0
+    if rank == 0:
+        for stale in out.glob(".checkpoint-*.tmp"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+    path, state = find_checkpoint(out, args.resume, print0) if args.resume else (None, None)
+    record = json.loads((out / "args.json").read_text()) if (out / "args.json").is_file() else None
+    if state is not None:
+        changed = check_resume(record, settings, state["epoch"]) if record else []
+        start = load_checkpoint(path, state, m, optimizer, generators, rank, history, args.algo)
+        print0(f"resumed from {path} at epoch {start}" + (f" with changed {', '.join(changed)}" if changed else ""))
+        if {"epochs", "reward_exp", "anneal"} & set(changed) and args.algo in ("db", "kl"):
+            print0(f"note: {beta_note(record, settings, start)}")
+    elif args.resume:
+        print0(f"no checkpoint in {out}: starting at epoch 0")
+    with signals.deferred():
+        if rank == 0:
+            note = supersede(out, start) if args.resume else ""
+            if note:
+                print(note)
+            if start == 0:  # the run's record of its settings, written once and never overwritten
+                (out / "args.json").write_text(json.dumps({**settings, "argv": sys.argv}, indent=2))
+            else:
+                with open(out / "resumes.jsonl", "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "epoch": start,
+                                        "checkpoint": str(path), "argv": sys.argv}) + "\n")  # fmt: skip
+    return start
 
 
 def header(args, m, world, device, n_eval):
