@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -1441,3 +1442,418 @@ def test_a_set_that_cannot_be_fetched_is_one_line(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "DrawBench is not cached" in err and len(err.splitlines()) == 1
     assert dag.load_prompts(args, conditional=False) == ([""], [""])
+
+
+# ====================================================================================================================
+# The learning benchmark: a DDPM pretrained on scikit-learn's digits, a digit-classifier reward, four algorithms.
+# `python test_dag.py bench` runs it (README: "See DAG learn"); test_dag_db_learns_on_the_pretrained_digits_ddpm runs
+# a reduced copy in CI.
+# ====================================================================================================================
+
+COLOURS = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]], dtype=np.float32)
+COLOUR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")  # hue bin k is centred on 60 k degrees
+
+
+def digits_unet(channels=(32, 64)):
+    """UNet2DModel config for 3x8x8 digits: 2 levels (8x8 -> 4x4), 1 ResNet per block, attention at 4x4."""
+    return dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=tuple(channels),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=min(32, channels[0]), freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
+                norm_eps=1e-6)  # fmt: skip
+
+
+def digit_intensities():
+    """scikit-learn's 1797 hand-written 8x8 digits -> (intensity (1797, 8, 8) float32 in [0, 1], labels (1797,))."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def colourise(intensity, colour):
+    """(B, 8, 8) in [0, 1] and (B,) indices into COLOURS -> (B, 3, 8, 8) RGB in [0, 1]: each digit in its colour."""
+    return COLOURS[colour][:, :, None, None] * intensity[:, None]
+
+
+def pretrain_digits_ddpm(path, steps=2500, batch=64, lr=2e-3, channels=(32, 64), seed=0):
+    """Pretrain an unconditional eps-prediction DDPM (the CIFAR scheduler's betas) on the digits, each drawn in a
+    random one of COLOURS on black, re-drawn every pass, and save it as a DDPMPipeline for `dag.py --model PATH`.
+    AdamW, a 100-step warm-up then a cosine decay to 0, gradient clip 1. Seeded: one machine and thread count give
+    the same weights."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet, scheduler = UNet2DModel(**digits_unet(channels)), DDPMScheduler(**CIFAR_SCHEDULER)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    warmup = min(100, steps // 10)
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    intensity, _ = digit_intensities()
+    g, t0, step, epoch = generator(seed), time.time(), 0, 0
+    unet.train()
+    while step < steps:
+        rng = np.random.default_rng((seed, epoch))  # a pass: new colours, new order
+        data = torch.from_numpy(colourise(intensity, rng.integers(len(COLOURS), size=len(intensity))) * 2 - 1)
+        order = torch.from_numpy(rng.permutation(len(data)))
+        for i in range(0, len(data) - batch + 1, batch):
+            x0 = data[order[i : i + batch]]
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+            loss = torch.nn.functional.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            decay.step()
+            step += 1
+            if step % 250 == 0 or step == steps:
+                print(f"digits DDPM: step {step}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f} s", flush=True)
+            if step == steps:
+                break
+        epoch += 1
+    DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(path)
+    return str(path)
+
+
+def digits_ddpm(steps=2500, channels=(32, 64), batch=64, lr=2e-3, seed=0):
+    """The pretrained digits DDPM's directory under $DAG_CACHE (default ~/.cache/dag), trained once per machine and
+    setting (its name holds them all), in a temporary directory renamed into place."""
+    import shutil
+    import tempfile
+
+    tag = f"s{steps}-c{'x'.join(map(str, channels))}-b{batch}-lr{lr:g}-seed{seed}"
+    final = rewards.cache_dir() / f"digits-ddpm-{tag}"
+    if not (final / "model_index.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".digits-ddpm-{tag}.", dir=final.parent))
+        pretrain_digits_ddpm(tmp, steps=steps, batch=batch, lr=lr, channels=channels, seed=seed)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def digit_classifier():
+    """A colour-invariant digit classifier: a 64-128-10 ReLU MLP on the per-pixel max over the RGB channels (which
+    maps every colour of COLOURS back to the digit's intensity), trained on all 1797 digits with 300 full-batch AdamW
+    steps (100 % training accuracy). Cached in $DAG_CACHE, so every process scores with the same weights."""
+    path = rewards.cache_dir() / "digits-classifier-v1.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        intensity, labels = digit_intensities()
+        x, y = torch.from_numpy(intensity).flatten(1), torch.from_numpy(labels)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-3)
+        with torch.enable_grad():  # the reward factory may be called under a caller's no_grad
+            for _ in range(300):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path.with_suffix(f".{os.getpid()}.tmp"))
+        os.replace(path.with_suffix(f".{os.getpid()}.tmp"), path)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.eval().requires_grad_(False)
+
+
+def digit_logits(net, images):
+    """(B, 3, 8, 8) RGB in [0, 1] -> (B, 10) logits, on the images' device; differentiable in the images."""
+    return net.to(images.device)(images.float().amax(dim=1).flatten(1))
+
+
+def digit_reward(target, sign=1.0):
+    net = digit_classifier()
+    return lambda images, prompts: sign * digit_logits(net, images).softmax(dim=1)[:, target]
+
+
+def digit3(device=None):
+    """`--reward test_dag:digit3`: r = p(3 | x), a black-box, colour-invariant, differentiable reward in [0, 1]."""
+    return digit_reward(3)
+
+
+def minus_digit3(device=None):
+    """`--reward test_dag:minus_digit3`: r = -p(3 | x), the sign-flipped control."""
+    return digit_reward(3, sign=-1.0)
+
+
+def colour_of(images, lit=0.25):
+    """(B, 3, H, W) RGB in [0, 1] -> (B,) index into COLOURS: the hue of the intensity-weighted mean colour of the lit
+    pixels (max channel > `lit`), to the nearest of the 6 hues; -1 where no pixel is lit."""
+    x = images.detach().float().cpu()
+    v = x.amax(dim=1, keepdim=True)
+    w = (v > lit).float() * v
+    r, g, b = ((x * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3)).clamp(min=1e-8)).unbind(1)
+    hue = torch.rad2deg(torch.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+    return torch.where(w.flatten(1).sum(1) > 0, torch.round(hue / 60).long() % 6, -1)
+
+
+def digit_samples(model, n=64, steps=20, checkpoint=None):
+    """n images of eval seeds 0..n-1 (dag.eval_noise, so the first k are those of an `--eval-samples k` evaluation)
+    from the base model, or with a run's checkpoint LoRA loaded."""
+    args = dag.parse_args(["--model", model, "--algo", "ddpo", "--steps", str(steps), "--sample-batch", "32",
+                           "--train-batch", "32"])  # fmt: skip
+    m = dag.load_models(args, torch.device("cpu"))
+    if checkpoint is not None:
+        state = torch.load(Path(checkpoint) / "training_state.pt", map_location="cpu", weights_only=False)
+        dag.set_peft_model_state_dict(m.unet, state["lora"])
+    m.unet.eval()
+    return torch.cat([dag.sample_images(m, [""] * len(c), c, args) for c in dag.eval_noise(m, n, steps).split(32)])
+
+
+def digit_summary(images, target=3):
+    """What a person reads off a batch: how many are the target digit, which digits the others are, and how colours
+    and shapes spread among the target samples."""
+    labels, colours = digit_logits(digit_classifier(), images).argmax(dim=1).cpu(), colour_of(images)
+    hit = labels == target
+
+    def entropy(values):  # bits; log2(6) = 2.58 when the 6 colours are equally common
+        p = torch.bincount(values[values >= 0], minlength=6).float()
+        p = p[p > 0] / p.sum()
+        return float(-(p * p.log2()).sum()) if len(p) else 0.0
+
+    shapes = images.detach().cpu().amax(dim=1).flatten(1)[hit]  # the target samples' intensity maps, colour removed
+    return {"n": len(images), "target_fraction": float(hit.float().mean()),
+            "p_target": float(digit_reward(target)(images, None).mean()),
+            "classes": torch.bincount(labels, minlength=10).tolist(),
+            "non_target_classes": torch.bincount(labels[~hit], minlength=10).tolist(),
+            "colours": [int((colours == k).sum()) for k in range(6)] + [int((colours < 0).sum())],
+            "colour_entropy": entropy(colours), "target_colour_entropy": entropy(colours[hit]),
+            "target_shape_spread": float(torch.pdist(shapes).mean() / 8) if len(shapes) > 1 else float("nan")}
+
+
+def save_digit_grid(path, images, cols=8, scale=5):
+    """(B, 3, 8, 8) in [0, 1] -> a PNG grid, each image `scale` x (nearest), 1-pixel grey gaps."""
+    from PIL import Image
+
+    B, _, H, W = images.shape
+    rows = math.ceil(B / cols)
+    grid = torch.full((3, rows * (H + 1) + 1, cols * (W + 1) + 1), 0.3)
+    for i, image in enumerate(images.detach().cpu()):
+        y, x = (i // cols) * (H + 1) + 1, (i % cols) * (W + 1) + 1
+        grid[:, y : y + H, x : x + W] = image
+    array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST).save(path)
+    return path
+
+
+# The benchmark's common budget: the same sampler, trajectories, epochs and optimizer steps for every algorithm.
+BENCH_BUDGET = ("--steps 20 --eta 1 --sample-batch 32 --num-batches 1 --train-batch 8 --grad-accum 1 --epochs 30 "
+                "--eval-every 5 --eval-samples 16 --save-every 30 --precision fp32").split()  # fmt: skip
+# The tuning tries, 5 per algorithm, seed 0, at BENCH_BUDGET (`python test_dag.py bench --stage tune` reruns them).
+BENCH_TRIES = {
+    "db": ["--lr 3e-3 --reward-exp 100", "--lr 1e-2 --reward-exp 100", "--lr 3e-3 --reward-exp 300",
+           "--lr 1e-2 --reward-exp 300", "--lr 1e-2 --flow-lr 1e-3 --reward-exp 100"],
+    "kl": ["--lr 3e-3 --reward-exp 100 --kl-coef 100 --clip-range 1e-4",
+           "--lr 3e-3 --reward-exp 100 --kl-coef 100 --clip-range 1e-2",
+           "--lr 1e-2 --reward-exp 100 --kl-coef 100 --clip-range 1e-2",
+           "--lr 3e-3 --reward-exp 300 --kl-coef 300 --clip-range 1e-2",
+           "--lr 1e-2 --flow-lr 1e-3 --reward-exp 100 --kl-coef 100 --clip-range 1e-2"],
+    "ddpo": ["--lr 3e-3 --clip-range 1e-4", "--lr 3e-3 --clip-range 1e-2", "--lr 3e-3 --clip-range 0.2",
+             "--lr 1e-2 --clip-range 1e-2", "--lr 1e-2 --clip-range 0.2"],
+    "alignprop": ["--lr 3e-3 --truncation 1", "--lr 1e-2 --truncation 1", "--lr 3e-3 --truncation 5",
+                  "--lr 1e-3 --truncation 1", "--lr 3e-3 --truncation 20"],
+}  # fmt: skip
+BENCH_THRESHOLD = 0.5  # "trajectories to reach": the first evaluation whose mean p(3) is at least this
+BENCH_BETAS = (10, 30, 100, 300, 1000)  # the beta sweep of the chosen DAG-DB setting
+
+
+def bench_jobs(jobs, parallel):
+    """Run (out, argv) jobs, `parallel` at a time, each one `python dag.py` on one thread; a job whose out holds a
+    finished run (its last checkpoint) is skipped, so an interrupted benchmark continues where it stopped."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
+    todo = [(out, argv) for out, argv in jobs if not bench_done(out)]
+    running, t0 = [], time.time()
+    while todo or running:
+        while todo and len(running) < parallel:
+            out, argv = todo.pop(0)
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log = open(out.parent / f"{out.name}.log", "w")
+            proc = subprocess.Popen([sys.executable, str(HERE / "dag.py"), *argv, "--out", str(out)], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            running.append((out, proc, log, time.time()))
+            print(f"[{time.time() - t0:5.0f} s] start {out.name}", flush=True)
+        time.sleep(1)
+        for job in [j for j in running if j[1].poll() is not None]:
+            out, proc, log, started = job
+            log.close()
+            running.remove(job)
+            if proc.returncode:
+                raise RuntimeError(f"{out.name} failed (exit {proc.returncode}); see {out.parent / (out.name + '.log')}")
+            (out / "wall.json").write_text(json.dumps({"wall_s": time.time() - started}))
+            evals = " ".join(f"{r['eval_reward_mean']:.3f}" for r in dag.read_jsonl(out / "eval.jsonl"))
+            print(f"[{time.time() - t0:5.0f} s] done  {out.name}: {time.time() - started:.0f} s, eval p(3) {evals}",
+                  flush=True)  # fmt: skip
+
+
+def bench_done(out):
+    return (out / "wall.json").is_file()
+
+
+def bench_argv(model, algo, flags, seed, reward="test_dag:digit3"):
+    return ["--model", model, "--reward", reward, *BENCH_BUDGET, "--algo", algo, *flags.split(), "--seed", str(seed)]
+
+
+def bench_chosen(out):
+    """Each algorithm's tuning try with the best final eval reward -> {algo: flags}."""
+    best = {}
+    for algo, tries in BENCH_TRIES.items():
+        final = [dag.read_jsonl(out / "tune" / f"{algo}-{k}" / "eval.jsonl")[-1]["eval_reward_mean"] for k in
+                 range(len(tries))]  # fmt: skip
+        best[algo] = tries[max(range(len(tries)), key=final.__getitem__)]
+    return best
+
+
+# The chosen setting of each algorithm: its best tuning try (README: "Tuning"); --stage tune re-derives it.
+BENCH_CHOSEN = {"db": BENCH_TRIES["db"][2], "kl": BENCH_TRIES["kl"][4], "ddpo": BENCH_TRIES["ddpo"][3],
+                "alignprop": BENCH_TRIES["alignprop"][1]}  # fmt: skip
+BENCH_SEEDS = (1, 2, 3)  # not seed 0, the one the tuning chose on, so the table is not biased by the choice
+
+
+def bench(out, stages=("main", "beta"), parallel=2):
+    """The learning benchmark (README, "See DAG learn"): pretrain the digits DDPM (cached), run the stages, and write
+    OUT/table.md, OUT/curves.png and OUT/samples.png."""
+    model = digits_ddpm()
+    jobs = []
+    if "tune" in stages:
+        jobs += [(out / "tune" / f"{a}-{k}", bench_argv(model, a, f, 0)) for k in range(5) for a, tries in
+                 BENCH_TRIES.items() for f in tries[k : k + 1]]  # fmt: skip
+    if "main" in stages:
+        jobs += [(out / f"{a}-seed{s}", bench_argv(model, a, BENCH_CHOSEN[a], s)) for a in BENCH_CHOSEN
+                 for s in BENCH_SEEDS]  # fmt: skip
+    if "beta" in stages:
+        flags = " ".join(f for f in BENCH_CHOSEN["db"].split() if f != "--reward-exp" and not f[0].isdigit())
+        jobs += [(out / f"beta{b}", bench_argv(model, "db", f"{flags} --reward-exp {b}", BENCH_SEEDS[0]))
+                 for b in BENCH_BETAS]  # fmt: skip
+    bench_jobs(jobs, parallel)
+    bench_report(out, model)
+
+
+def bench_report(out, model):
+    """Tables, the figure and the sample grids from the finished runs under OUT."""
+    lines, base = [], digit_samples(model)
+    samples = {"base": base}
+    summary = {"base": digit_summary(base)}
+    for path in sorted(p for p in out.glob("*") if (p / "wall.json").is_file()):
+        args = json.loads((path / "args.json").read_text())
+        samples[path.name] = digit_samples(model, checkpoint=path / f"checkpoint-{args['epochs']}")
+        summary[path.name] = digit_summary(samples[path.name])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    runs = {a: [out / f"{a}-seed{s}" for s in BENCH_SEEDS if bench_done(out / f"{a}-seed{s}")] for a in BENCH_CHOSEN}
+
+    def mean_std(values):
+        values = [v for v in values if v == v]
+        if not values:
+            return "-"
+        m = sum(values) / len(values)
+        return f"{m:.3f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)):.3f}"
+
+    lines += ["| algorithm (setting) | eval p(3), base → trained | classified 3 (of 64) | diversity (32×32 px) | "
+              "colours among the 3s (bits) | shape spread of the 3s | wall s | trajectories to p(3) ≥ "
+              f"{BENCH_THRESHOLD} |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for algo, paths in runs.items():
+        if not paths:
+            continue
+        evals = [dag.read_jsonl(p / "eval.jsonl") for p in paths]
+        reach = []
+        for ev in evals:
+            hit = [r["epoch"] for r in ev if r["eval_reward_mean"] >= BENCH_THRESHOLD]
+            reach.append(str(hit[0] * 32) if hit else "not reached")
+        s = [summary[p.name] for p in paths]
+        lines.append(f"| {algo} (`{BENCH_CHOSEN[algo]}`) | {evals[0][0]['eval_reward_mean']:.3f} → "
+                     f"{mean_std([e[-1]['eval_reward_mean'] for e in evals])} | "
+                     f"{mean_std([64 * x['target_fraction'] for x in s])} | "
+                     f"{evals[0][0]['diversity']:.3f} → {mean_std([e[-1]['diversity'] for e in evals])} | "
+                     f"{mean_std([x['target_colour_entropy'] for x in s])} | "
+                     f"{mean_std([x['target_shape_spread'] for x in s])} | "
+                     f"{mean_std([json.loads((p / 'wall.json').read_text())['wall_s'] for p in paths])} | "
+                     f"{', '.join(reach)} |")  # fmt: skip
+    b = summary["base"]
+    lines += ["", f"Base model, 64 fixed-noise samples: {64 * b['target_fraction']:.0f} classified 3, classes 0-9 "
+              f"{b['classes']}, colours (r, y, g, c, b, m, unlit) {b['colours']}, colours among the 3s "
+              f"{b['target_colour_entropy']:.2f} bits, shape spread of the 3s {b['target_shape_spread']:.3f}.", ""]
+    lines += ["| run | eval p(3) at epochs 0, 5, ..., 30 | diversity 0 → 30 | classified 3 (of 64) | classes 0-9 of the "
+              "others | colours (r, y, g, c, b, m, unlit) | wall s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in [n for n in summary if n != "base"]:
+        ev, s = dag.read_jsonl(out / name / "eval.jsonl"), summary[name]
+        curve = " ".join(f"{r['eval_reward_mean']:.3f}" for r in ev)
+        lines.append(f"| {name} | {curve} | {ev[0]['diversity']:.3f} → "
+                     f"{ev[-1]['diversity']:.3f} | {64 * s['target_fraction']:.0f} | {s['non_target_classes']} | "
+                     f"{s['colours']} | {json.loads((out / name / 'wall.json').read_text())['wall_s']:.0f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    bench_figure(out / "curves.png", {a: [dag.read_jsonl(p / "eval.jsonl") for p in ps] for a, ps in runs.items() if ps})
+    shown = ["base"] + [f"{a}-seed{BENCH_SEEDS[0]}" for a in BENCH_CHOSEN if f"{a}-seed{BENCH_SEEDS[0]}" in samples]
+    bench_grids(out / "samples.png", {name: samples[name] for name in shown})
+    bench_grids(out / "beta.png", {name: samples[name] for name in ["base"] + [f"beta{b}" for b in BENCH_BETAS]
+                                   if name in samples})  # fmt: skip
+    print("\n".join(lines))
+
+
+def bench_figure(path, evals):
+    """Eval reward and diversity against trajectories sampled, the mean over seeds, one line per algorithm (PIL)."""
+    from PIL import Image, ImageDraw
+
+    colours = {"db": "steelblue", "kl": "darkorange", "ddpo": "seagreen", "alignprop": "crimson"}
+    panels = [("eval p(3), mean over seeds", "eval_reward_mean"), ("diversity (32x32 pixels)", "diversity")]
+    W, H = 460, 300
+    image = Image.new("RGB", (W * len(panels), H + 20), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (title, key) in enumerate(panels):
+        curves = {a: [(r["epoch"] * 32, sum(e[k][key] for e in ev) / len(ev)) for k, r in enumerate(ev[0])]
+                  for a, ev in evals.items()}  # fmt: skip
+        ys = [y for c in curves.values() for _, y in c]
+        xs = [x for c in curves.values() for x, _ in c]
+        y_ticks, decimals = dag.nice_ticks(min(ys), max(ys))
+        x_ticks, _ = dag.nice_ticks(min(xs), max(xs))
+        left, right, top, bottom = i * W + 56, (i + 1) * W - 14, 24, H - 30
+        to_px = lambda x, y: (left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left),  # noqa: E731
+                              bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top))  # fmt: skip
+        draw.text((left, 6), title, fill="black")
+        draw.rectangle((left, top, right, bottom), outline="gray")
+        for y in y_ticks:
+            draw.line((left, to_px(0, y)[1], right, to_px(0, y)[1]), fill=(230, 230, 230))
+            draw.text((i * W + 4, to_px(0, y)[1] - 6), f"{y:.{decimals}f}", fill="black")
+        for x in x_ticks:
+            draw.text((to_px(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
+        draw.text((right - 90, H - 12), "trajectories", fill="gray")
+        for algo, curve in curves.items():
+            draw.line([to_px(x, y) for x, y in curve], fill=colours[algo], width=2)
+    for k, algo in enumerate(evals):
+        draw.text((56 + 110 * k, H + 4), f"— {algo}", fill=colours[algo])
+    image.save(path)
+
+
+def bench_grids(path, samples):
+    """Side by side, one labelled 8x8 grid of the 64 fixed-noise samples per run (the same noise in each)."""
+    import tempfile
+
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, images in samples.items():
+            tiles.append((name, Image.open(save_digit_grid(Path(tmp) / f"{name}.png", images)).copy()))
+    w, h = tiles[0][1].size
+    sheet = Image.new("RGB", (len(tiles) * (w + 10), h + 20), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (name, tile) in enumerate(tiles):
+        sheet.paste(tile, (k * (w + 10), 20))
+        draw.text((k * (w + 10) + 2, 4), name, fill="black")
+    sheet.save(path)
+
+
+if __name__ == "__main__":  # python test_dag.py bench [--out DIR] [--stage tune main beta] [--parallel 2]
+    p = argparse.ArgumentParser(description="The learning benchmark on the pretrained digits DDPM (README).")
+    p.add_argument("command", choices=["bench"])
+    p.add_argument("--out", default="runs/bench", type=Path)
+    p.add_argument("--stage", nargs="+", choices=["tune", "main", "beta"], default=["main", "beta"])
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    bench(a.out, a.stage, a.parallel)
