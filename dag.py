@@ -1498,12 +1498,13 @@ def train(args, out, rank, world, device, signals):
     m.unet.eval()
     if m.flow is not None:
         m.flow.eval()
-    if args.algo in ("db", "kl"):
-        run_epoch = lambda e: dag_epoch(m, reward_fn, prompts, optimizer, e, args, generators, rank)  # noqa: E731
-    elif args.algo == "ddpo":
-        run_epoch = lambda e: ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank, world)  # noqa: E731
-    else:
-        run_epoch = lambda e: alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank)  # noqa: E731
+    def run_epoch(e):
+        if args.algo in ("db", "kl"):
+            return dag_epoch(m, reward_fn, prompts, optimizer, e, args, generators, rank)
+        if args.algo == "ddpo":
+            return ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank, world)
+        return alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank)
+
     eval_due = lambda e: args.eval_every and (e % args.eval_every == 0 or e == args.epochs)  # noqa: E731
     keep = lambda e: e % args.save_every == 0 or e == args.epochs  # noqa: E731 -- the others roll
     skipped_in_a_row = 0

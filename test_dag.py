@@ -1681,7 +1681,7 @@ BENCH_TRIES = {
                   "--lr 3e-3 --truncation 5", "--lr 1e-2 --truncation 5"],
 }  # fmt: skip
 BENCH_THRESHOLD = 0.5  # "trajectories to reach": the first evaluation whose mean p(3) is at least this
-BENCH_BETAS = (10, 30, 100, 300, 1000)  # the beta sweep of the chosen DAG-DB setting
+BENCH_BETAS = (10, 100, 1000)  # the beta sweep of the chosen DAG-DB setting (its own beta is its seed-1 run)
 
 
 def bench_jobs(jobs, parallel):
@@ -1756,10 +1756,17 @@ def bench(out, stages=("main", "controls", "beta"), parallel=2):
                  (out / "control-beta0", bench_argv(model, "db", f"{db} --reward-exp 0", BENCH_CI_SEED))]
     if "beta" in stages:
         flags = " ".join(f for f in BENCH_CHOSEN["db"].split() if f != "--reward-exp" and not f[0].isdigit())
-        jobs += [(out / f"beta{b}", bench_argv(model, "db", f"{flags} --reward-exp {b}", BENCH_SEEDS[0]))
-                 for b in BENCH_BETAS]  # fmt: skip
+        jobs += [(run, bench_argv(model, "db", f"{flags} --reward-exp {b}", BENCH_SEEDS[0]))
+                 for b, run in beta_runs(out).items() if run.name.startswith("beta")]  # fmt: skip
     bench_jobs(jobs, parallel)
     bench_report(out, model)
+
+
+def beta_runs(out):
+    """{beta: the run directory} of the beta sweep; the chosen setting's own beta is its main run at BENCH_SEEDS[0]."""
+    chosen = BENCH_CHOSEN["db"].split()
+    own = float(chosen[chosen.index("--reward-exp") + 1])
+    return {b: out / (f"db-seed{BENCH_SEEDS[0]}" if b == own else f"beta{b}") for b in BENCH_BETAS}
 
 
 def bench_report(out, model):
@@ -1813,12 +1820,33 @@ def bench_report(out, model):
         lines.append(f"| {name} | {curve} | {ev[0]['diversity']:.3f} → "
                      f"{ev[-1]['diversity']:.3f} | {64 * s['target_fraction']:.0f} | {s['non_target_classes']} | "
                      f"{s['colours']} | {json.loads((out / name / 'wall.json').read_text())['wall_s']:.0f} |")
+    lines += ["", f"| beta (`{BENCH_CHOSEN['db']}`, seed {BENCH_SEEDS[0]}) | eval p(3) 0 → 30 | classified 3 (of 64) "
+              "| diversity 0 → 30 | colours (r, y, g, c, b, m, unlit) | classes 0-9 of the others |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for b, run in beta_runs(out).items():
+        if run.name in summary:
+            ev, x = dag.read_jsonl(run / "eval.jsonl"), summary[run.name]
+            lines.append(f"| {b:g} | {ev[0]['eval_reward_mean']:.3f} → {ev[-1]['eval_reward_mean']:.3f} | "
+                         f"{64 * x['target_fraction']:.0f} | {ev[0]['diversity']:.3f} → {ev[-1]['diversity']:.3f} | "
+                         f"{x['colours']} | {x['non_target_classes']} |")  # fmt: skip
+    if (out / "tune").is_dir():
+        lines += ["", "| tuning try (seed 0) | eval p(3) at epochs 0, 5, ..., 30 | diversity 0 → 30 | wall s |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for algo, tries in BENCH_TRIES.items():
+            for k, flags in enumerate(tries):
+                run = out / "tune" / f"{algo}-{k}"
+                if bench_done(run):
+                    ev = dag.read_jsonl(run / "eval.jsonl")
+                    curve = " ".join(f"{r['eval_reward_mean']:.3f}" for r in ev)
+                    lines.append(f"| {algo}-{k} `{flags}` | {curve} | "
+                                 f"{ev[0]['diversity']:.3f} → {ev[-1]['diversity']:.3f} | "
+                                 f"{json.loads((run / 'wall.json').read_text())['wall_s']:.0f} |")  # fmt: skip
     (out / "table.md").write_text("\n".join(lines) + "\n")
     bench_figure(out / "curves.png", {a: [dag.read_jsonl(p / "eval.jsonl") for p in ps] for a, ps in runs.items() if ps})
     shown = ["base"] + [f"{a}-seed{BENCH_SEEDS[0]}" for a in BENCH_CHOSEN if f"{a}-seed{BENCH_SEEDS[0]}" in samples]
     bench_grids(out / "samples.png", {name: samples[name] for name in shown})
-    bench_grids(out / "beta.png", {name: samples[name] for name in ["base"] + [f"beta{b}" for b in BENCH_BETAS]
-                                   if name in samples})  # fmt: skip
+    bench_grids(out / "beta.png", {"base": base, **{f"beta {b}": samples[run.name] for b, run in
+                                                    beta_runs(out).items() if run.name in samples}})  # fmt: skip
     print("\n".join(lines))
 
 
