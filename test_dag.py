@@ -1748,13 +1748,19 @@ def bench(out, stages=("main", "controls", "beta"), parallel=2):
                  BENCH_CHOSEN for s in BENCH_SEEDS]  # fmt: skip
     if "controls" in stages:  # drift for the CI test's margin: the chosen DAG-DB run with beta = 0 (no reward)
         db = BENCH_CHOSEN["db"]
-        jobs += [(out / "control-beta0", [*bench_argv(model, "db", f"{db} --reward-exp 0", BENCH_CI_SEED), *BENCH_EVAL])]
+        jobs += [(out / "control-beta0", [*bench_argv(model, "db", with_reward_exp(db, 0), BENCH_CI_SEED), *BENCH_EVAL])]
     if "beta" in stages:
-        flags = " ".join(f for f in BENCH_CHOSEN["db"].split() if f != "--reward-exp" and not f[0].isdigit())
-        jobs += [(run, [*bench_argv(model, "db", f"{flags} --reward-exp {b}", BENCH_SEEDS[0]), *BENCH_EVAL])
+        jobs += [(run, [*bench_argv(model, "db", with_reward_exp(BENCH_CHOSEN["db"], b), BENCH_SEEDS[0]), *BENCH_EVAL])
                  for b, run in beta_runs(out).items() if run.name.startswith("beta")]  # fmt: skip
     bench_jobs(jobs, parallel)
     bench_report(out, model)
+
+
+def with_reward_exp(flags, beta):
+    """`flags` with its --reward-exp value replaced by beta."""
+    words = flags.split()
+    words[words.index("--reward-exp") + 1] = f"{beta:g}"
+    return " ".join(words)
 
 
 def beta_runs(out):
