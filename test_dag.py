@@ -1677,7 +1677,9 @@ BENCH_TRIES = {
 }  # fmt: skip
 BENCH_EVAL = ("--eval-samples", "64")  # the main, control and beta runs: 64 eval seeds (the tuning tries: 16)
 BENCH_THRESHOLD = 0.5  # "trajectories to reach": the first evaluation whose mean p(3) is at least this
-BENCH_BETAS = (10, 100, 1000)  # the beta sweep of the chosen DAG-DB setting (its own beta is its seed-1 run)
+# The beta sweep of the chosen DAG-DB setting at seed BENCH_SEEDS[0]: its own beta is its main run; beta = 0 (no
+# reward at all) is also the drift control of the learning test's margin.
+BENCH_BETAS = (0, 100, 1000)
 
 
 def bench_jobs(jobs, parallel):
@@ -1735,9 +1737,9 @@ BENCH_CHOSEN = {"db": BENCH_TRIES["db"][2], "kl": BENCH_TRIES["kl"][4], "ddpo": 
 BENCH_SEEDS = (1, 2, 3)  # not seed 0, the one the tuning chose on, so the table is not biased by the choice
 
 
-def bench(out, stages=("main", "controls", "beta"), parallel=2):
+def bench(out, stages=("main", "beta"), parallel=2):
     """The learning benchmark (README, "See DAG learn"): pretrain the digits DDPM (cached), run the stages, and write
-    OUT/table.md, OUT/curves.png and OUT/samples.png."""
+    OUT/table.md, OUT/curves.png, OUT/samples.png, OUT/beta.png and OUT/summary.json."""
     model = digits_ddpm()
     jobs = []
     if "tune" in stages:
@@ -1746,9 +1748,6 @@ def bench(out, stages=("main", "controls", "beta"), parallel=2):
     if "main" in stages:
         jobs += [(out / f"{a}-seed{s}", [*bench_argv(model, a, BENCH_CHOSEN[a], s), *BENCH_EVAL]) for a in
                  BENCH_CHOSEN for s in BENCH_SEEDS]  # fmt: skip
-    if "controls" in stages:  # drift for the CI test's margin: the chosen DAG-DB run with beta = 0 (no reward)
-        db = BENCH_CHOSEN["db"]
-        jobs += [(out / "control-beta0", [*bench_argv(model, "db", with_reward_exp(db, 0), BENCH_CI_SEED), *BENCH_EVAL])]
     if "beta" in stages:
         jobs += [(run, [*bench_argv(model, "db", with_reward_exp(BENCH_CHOSEN["db"], b), BENCH_SEEDS[0]), *BENCH_EVAL])
                  for b, run in beta_runs(out).items() if run.name.startswith("beta")]  # fmt: skip
@@ -1904,7 +1903,7 @@ def bench_grids(path, samples):
     sheet.save(path)
 
 
-BENCH_CI_SEED = 1
+BENCH_CI_SEED = BENCH_SEEDS[0]  # so the learning test is the benchmark's DAG-DB seed-1 run
 BENCH_CI_MARGIN = 0.05  # placeholder, set from the measurements below
 
 
@@ -1925,8 +1924,7 @@ if __name__ == "__main__":  # python test_dag.py bench [--out DIR] [--stage tune
     p = argparse.ArgumentParser(description="The learning benchmark on the pretrained digits DDPM (README).")
     p.add_argument("command", choices=["bench"])
     p.add_argument("--out", default="runs/bench", type=Path)
-    p.add_argument("--stage", nargs="+", choices=["tune", "main", "controls", "beta"],
-                   default=["main", "controls", "beta"])
+    p.add_argument("--stage", nargs="+", choices=["tune", "main", "beta"], default=["main", "beta"])
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     a = p.parse_args()
     torch.set_num_threads(1)
