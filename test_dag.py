@@ -1679,7 +1679,7 @@ BENCH_EVAL = ("--eval-samples", "64")  # the main, control and beta runs: 64 eva
 BENCH_THRESHOLD = 0.5  # "trajectories to reach": the first evaluation whose mean p(3) is at least this
 # The beta sweep of the chosen DAG-DB setting at seed BENCH_SEEDS[0]: its own beta is its main run; beta = 0 (no
 # reward at all) is also the drift control of the learning test's margin.
-BENCH_BETAS = (0, 100, 1000)
+BENCH_BETAS = (0, 300, 1000)
 
 
 def bench_jobs(jobs, parallel):
