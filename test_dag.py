@@ -1781,12 +1781,12 @@ def bench_report(out, model):
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     runs = {a: [out / f"{a}-seed{s}" for s in BENCH_SEEDS if bench_done(out / f"{a}-seed{s}")] for a in BENCH_CHOSEN}
 
-    def mean_std(values):
+    def mean_std(values, digits=3):
         values = [v for v in values if v == v]
         if not values:
             return "-"
         m = sum(values) / len(values)
-        return f"{m:.3f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)):.3f}"
+        return f"{m:.{digits}f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)):.{digits}f}"
 
     lines += ["| algorithm (setting) | eval p(3), base → trained | classified 3 (of 64) | diversity (32×32 px) | "
               "colours among the 3s (bits) | shape spread of the 3s | wall s | trajectories to p(3) ≥ "
@@ -1802,11 +1802,11 @@ def bench_report(out, model):
         s = [summary[p.name] for p in paths]
         lines.append(f"| {algo} (`{BENCH_CHOSEN[algo]}`) | {evals[0][0]['eval_reward_mean']:.3f} → "
                      f"{mean_std([e[-1]['eval_reward_mean'] for e in evals])} | "
-                     f"{mean_std([64 * x['target_fraction'] for x in s])} | "
+                     f"{mean_std([64 * x['target_fraction'] for x in s], 1)} | "
                      f"{evals[0][0]['diversity']:.3f} → {mean_std([e[-1]['diversity'] for e in evals])} | "
                      f"{mean_std([x['target_colour_entropy'] for x in s])} | "
                      f"{mean_std([x['target_shape_spread'] for x in s])} | "
-                     f"{mean_std([json.loads((p / 'wall.json').read_text())['wall_s'] for p in paths])} | "
+                     f"{mean_std([json.loads((p / 'wall.json').read_text())['wall_s'] for p in paths], 0)} | "
                      f"{', '.join(reach)} |")  # fmt: skip
     b = summary["base"]
     lines += ["", f"Base model, 64 fixed-noise samples: {64 * b['target_fraction']:.0f} classified 3, classes 0-9 "
