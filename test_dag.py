@@ -1882,7 +1882,8 @@ def bench_figure(path, evals):
         for algo, curve in curves.items():
             draw.line([to_px(x, y) for x, y in curve], fill=colours[algo], width=2)
     for k, algo in enumerate(evals):
-        draw.text((56 + 110 * k, H + 4), f"— {algo}", fill=colours[algo])
+        draw.line((56 + 110 * k, H + 10, 76 + 110 * k, H + 10), fill=colours[algo], width=2)
+        draw.text((80 + 110 * k, H + 4), algo, fill=colours[algo])
     image.save(path)
 
 
