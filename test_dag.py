@@ -1907,7 +1907,10 @@ def bench_grids(path, samples):
 
 
 BENCH_CI_SEED = BENCH_SEEDS[0]  # so the learning test is the benchmark's DAG-DB seed-1 run
-BENCH_CI_MARGIN = 0.05  # placeholder, set from the measurements below
+# Measured at this setting (64 eval seeds, epoch 0 -> 30; README, "The learning test"): the gain of DAG-DB is +0.310,
+# +0.359, +0.293 at seeds 1, 2, 3; with beta = 0 (no reward, drift only) -0.008; with the reward's sign flipped in
+# log_flows -0.102. The margin is about half the smallest gain and 19 times the drift.
+BENCH_CI_MARGIN = 0.15
 
 
 def test_dag_db_raises_the_digit_reward_of_the_pretrained_ddpm(tmp_path):
