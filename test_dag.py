@@ -1539,7 +1539,7 @@ def digits_ddpm(steps=2500, channels=(32, 64), batch=64, lr=2e-3, seed=0):
     if not (final / "model_index.json").is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".digits-ddpm-{tag}.", dir=final.parent))
-        with one_thread():  # about 6 minutes on one core
+        with one_thread():  # 435 s on one core of the development machine
             pretrain_digits_ddpm(tmp, steps=steps, batch=batch, lr=lr, channels=channels, seed=seed)
         try:
             os.replace(tmp, final)
@@ -1915,7 +1915,7 @@ BENCH_CI_MARGIN = 0.15
 
 def test_dag_db_raises_the_digit_reward_of_the_pretrained_ddpm(tmp_path):
     """The learning test: the benchmark's chosen DAG-DB setting (one seed) on the pretrained digits DDPM (trained
-    here once, about 6 minutes, or found in $DAG_CACHE) raises the fixed-noise eval reward p_4(3) of 64 seeds by more
+    here once, about 7 minutes on one thread, or found in $DAG_CACHE) raises the fixed-noise eval reward p_4(3) of 64 seeds by more
     than BENCH_CI_MARGIN in 30 epochs (README, "See DAG learn": the margin against measured seed noise and drift)."""
     model = digits_ddpm()
     with one_thread():  # the thread count of the measurements
