@@ -1915,8 +1915,9 @@ BENCH_CI_MARGIN = 0.15
 
 def test_dag_db_raises_the_digit_reward_of_the_pretrained_ddpm(tmp_path):
     """The learning test: the benchmark's chosen DAG-DB setting (one seed) on the pretrained digits DDPM (trained
-    here once, about 7 minutes on one thread, or found in $DAG_CACHE) raises the fixed-noise eval reward p_4(3) of 64 seeds by more
-    than BENCH_CI_MARGIN in 30 epochs (README, "See DAG learn": the margin against measured seed noise and drift)."""
+    here once, about 7 minutes on one thread, or found in $DAG_CACHE) raises the fixed-noise eval reward p_4(3) of
+    64 seeds by more than BENCH_CI_MARGIN in 30 epochs (README, "The learning test": the margin against the measured
+    gains, drift and the sign-flip mutant)."""
     model = digits_ddpm()
     with one_thread():  # the thread count of the measurements
         dag.main(["--model", model, "--reward", "test_dag:digit3", *BENCH_BUDGET, "--algo", "db",
