@@ -1731,7 +1731,7 @@ def bench_chosen(out):
     return best
 
 
-# The chosen setting of each algorithm: its best tuning try (README: "Tuning"); --stage tune re-derives it.
+# The chosen setting of each algorithm: its best tuning try (README: "Tuning"); `--stage tune` re-derives it.
 BENCH_CHOSEN = {"db": BENCH_TRIES["db"][4], "kl": BENCH_TRIES["kl"][3], "ddpo": BENCH_TRIES["ddpo"][2],
                 "alignprop": BENCH_TRIES["alignprop"][4]}  # fmt: skip
 BENCH_SEEDS = (1, 2, 3)  # not seed 0, the one the tuning chose on, so the table is not biased by the choice
@@ -1743,8 +1743,12 @@ def bench(out, stages=("main", "beta"), parallel=2):
     model = digits_ddpm()
     jobs = []
     if "tune" in stages:
-        jobs += [(out / "tune" / f"{a}-{k}", bench_argv(model, a, f, 0)) for k in range(5) for a, tries in
-                 BENCH_TRIES.items() for f in tries[k : k + 1]]  # fmt: skip
+        bench_jobs([(out / "tune" / f"{a}-{k}", bench_argv(model, a, f, 0)) for k in range(5) for a, tries in
+                    BENCH_TRIES.items() for f in tries[k : k + 1]], parallel)  # fmt: skip
+        chosen = bench_chosen(out)
+        if chosen != BENCH_CHOSEN:
+            print(f"the tuning chose {chosen}, not BENCH_CHOSEN; the later stages use the tuning's choice")
+            BENCH_CHOSEN.update(chosen)
     if "main" in stages:
         jobs += [(out / f"{a}-seed{s}", [*bench_argv(model, a, BENCH_CHOSEN[a], s), *BENCH_EVAL]) for a in
                  BENCH_CHOSEN for s in BENCH_SEEDS]  # fmt: skip
