@@ -1578,13 +1578,13 @@ def digit_logits(net, images):
     return net.to(images.device)(images.float().amax(dim=1).flatten(1))
 
 
-def digit_reward(target, sign=1.0, temperature=4.0):
-    """r(x) = sign * p_T(target | x): the classifier's softmax at temperature T (logits / T). T = 4 keeps the score
+def digit_reward(target, temperature=4.0):
+    """r(x) = p_T(target | x): the classifier's softmax at temperature T (logits / T). T = 4 keeps the score
     graded on the blurry x0 predictions of the noisy states, which the forward-looking flow scores: over 64 rollouts
     of the base model (steps 10-19 of 20; an earlier pretraining of this recipe), p(3) lies strictly between 0.05
     and 0.95 for 8 % of the states at T = 1 and for 22-31 % at T = 4."""
     net = digit_classifier()
-    return lambda images, prompts: sign * (digit_logits(net, images) / temperature).softmax(dim=1)[:, target]
+    return lambda images, prompts: (digit_logits(net, images) / temperature).softmax(dim=1)[:, target]
 
 
 def digit3(device=None):
