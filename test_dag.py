@@ -1593,7 +1593,7 @@ def digit3(device=None):
 
 
 def digit3_sharp(device=None):
-    """`--reward test_dag:digit3_sharp`: r = p(3 | x) at temperature 1 (the first benchmark's reward, README)."""
+    """`--reward test_dag:digit3_sharp`: r = p(3 | x) at temperature 1 (an earlier tuning round's reward; see digit_reward for T)."""
     return digit_reward(3, temperature=1.0)
 
 
@@ -1675,7 +1675,7 @@ BENCH_TRIES = {
     "alignprop": ["--lr 1e-3 --truncation 1", "--lr 3e-3 --truncation 1", "--lr 1e-2 --truncation 1",
                   "--lr 3e-3 --truncation 5", "--lr 1e-2 --truncation 5"],
 }  # fmt: skip
-BENCH_EVAL = ("--eval-samples", "64")  # the main, control and beta runs: 64 eval seeds (the tuning tries: 16)
+BENCH_EVAL = ("--eval-samples", "64")  # the main and beta runs: 64 eval seeds (the tuning tries: 16)
 BENCH_THRESHOLD = 0.5  # "trajectories to reach": the first evaluation whose mean p(3) is at least this
 # The beta sweep of the chosen DAG-DB setting at seed BENCH_SEEDS[0]: its own beta is its main run; beta = 0 (no
 # reward at all) is also the drift control of the learning test's margin.
