@@ -1924,9 +1924,8 @@ def test_dag_db_raises_the_digit_reward_of_the_pretrained_ddpm(tmp_path):
     gains, drift and the sign-flip mutant)."""
     model = digits_ddpm()
     with one_thread():  # the thread count of the measurements
-        dag.main(["--model", model, "--reward", "test_dag:digit3", *BENCH_BUDGET, "--algo", "db",
-                  *BENCH_CHOSEN["db"].split(), "--seed", str(BENCH_CI_SEED), "--eval-every", "30", "--eval-samples",
-                  "64", "--out", str(tmp_path)])  # fmt: skip
+        dag.main([*bench_argv(model, "db", BENCH_CHOSEN["db"], BENCH_CI_SEED), "--eval-every", "30", *BENCH_EVAL,
+                  "--out", str(tmp_path)])  # fmt: skip
     evals = [r["eval_reward_mean"] for r in dag.read_jsonl(tmp_path / "eval.jsonl")]
     assert len(evals) == 2 and evals[1] - evals[0] > BENCH_CI_MARGIN, evals
 
