@@ -468,6 +468,17 @@ TASK_PROMPTS = {  # the paper's prompt set of each task; plug-in rewards default
 }
 
 
+def task_prompts(reward, prompts=None, eval_prompts=None):
+    """A run's (train, eval) prompts: `prompts` (a set or a file), else the reward's task set (plug-ins:
+    simple_animals); for evaluation that set's eval split, or `eval_prompts` (a set: its eval split; a file: every
+    line). Raises as prompt_set does."""
+    train, held = prompt_set(prompts or TASK_PROMPTS.get(reward, "simple_animals"))
+    if eval_prompts:
+        every_line, split = prompt_set(eval_prompts)
+        held = split if eval_prompts in PROMPT_SETS else every_line
+    return train, held
+
+
 def prompt_set(spec):
     """(train, eval) prompts of a named set, or of a text file with one prompt per line (eval: at most 16 of its
     prompts, evenly spaced, still trained on).
