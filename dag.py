@@ -425,7 +425,8 @@ def score_states(m, reward_fn, ro, scored, chunk):
     recomputes it in the training loop, twice per transition (train_gfn.py:530-543), with the current theta: the
     values agree until the epoch's first optimizer step and are one step stale after it here."""
     for j in range(ro.x0_pred.shape[1]):
-        for rows in scored[:, j].nonzero().squeeze(1).split(chunk):
+        marked = scored[:, j].nonzero().squeeze(1)
+        for rows in (marked[i : i + chunk] for i in range(0, len(marked), chunk)):
             images = decode(m, ro.x0_pred[rows, j], chunk)
             ro.state_reward[rows, j] = reward_fn(images, [ro.prompts[i] for i in rows.tolist()]).float()
 
