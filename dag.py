@@ -605,8 +605,8 @@ def check_args(args):
         die(problems[0].replace("_", "-") if problems[0].startswith("--") else problems[0])
 
 
-def progress(iterable, desc, rank):
-    return tqdm(iterable, desc=desc, leave=False, disable=rank != 0 or not sys.stderr.isatty())  # none in a log file
+def progress(iterable, desc, rank):  # a bar on rank 0, none in a redirected log
+    return tqdm(iterable, desc=desc, leave=False, disable=rank != 0 or not sys.stderr.isatty())
 
 
 # --- Distributed helpers (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is rank 0 of 1)
@@ -633,21 +633,16 @@ def average_gradients(params):
             p.grad /= dist.get_world_size()
 
 
-def gather(tensor):
-    """Concatenate a (B, ...) tensor from every rank."""
+def gather(x):
+    """A (B, ...) tensor from every rank, concatenated; any other object: [rank 0's, rank 1's, ...]."""
     if not dist.is_initialized():
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
-
-
-def gather_object(obj):
-    """[obj of rank 0, obj of rank 1, ...] for picklable objects."""
-    objs = [obj] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(objs, obj)
-    return objs
+        return x if torch.is_tensor(x) else [x]
+    parts = [torch.empty_like(x) if torch.is_tensor(x) else None for _ in range(dist.get_world_size())]
+    if torch.is_tensor(x):
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+    dist.all_gather_object(parts, x)
+    return parts
 
 
 # --- Loading: the model (its configs checked before its weights load) and the reward (every output checked)
@@ -679,9 +674,8 @@ def load_models(args, device, index):
         pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **skip)
     except Exception as e:  # a missing or truncated weights file, a partial download
         die(f"cannot load the weights of {args.model!r}: {e.__class__.__name__}: {e}")
-    unet = pipe.unet.to(device).requires_grad_(False)
-    lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                      target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    unet, targets = pipe.unet.to(device).requires_grad_(False), ["to_k", "to_q", "to_v", "to_out.0"]
+    lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian", target_modules=targets)
     inject_adapter_in_model(lora, unet)
     if args.grad_checkpointing:
         unet.enable_gradient_checkpointing()  # active whenever grad is enabled: the training forward only
@@ -709,10 +703,10 @@ def checked(reward_fn, name):
         if torch.is_tensor(s) and s.shape == (B,) and s.is_floating_point() and s.device == images.device:
             if bool(torch.isfinite(s).all()):
                 return s
-        got = f"{s.dtype} tensor of shape {tuple(s.shape)} on {s.device}" if torch.is_tensor(s) else type(s).__name__
-        bad = f" with {int((~torch.isfinite(s)).sum())} non-finite score(s)" if torch.is_tensor(s) else ""
-        die(f"reward {name!r} returned a {got}{bad} for {B} images: return one finite float score per image, a tensor "
-            f"of shape ({B},) on the images' device")
+        got = f"{s.dtype} tensor of shape {tuple(s.shape)} on {s.device} with {int((~torch.isfinite(s)).sum())} " \
+              "non-finite score(s)" if torch.is_tensor(s) else type(s).__name__
+        die(f"reward {name!r} returned a {got} for {B} images: return one finite float score per image, a tensor of "
+            f"shape ({B},) on the images' device")
 
     fn.embed = getattr(reward_fn, "embed", None)
     return fn
@@ -747,11 +741,9 @@ def diversity(features, k):
 
 @torch.no_grad()
 def evaluate(m, reward_fn, prompts, args, rank, world):
-    """Every (eval prompt, seed) pair sampled from fixed noise, split over the ranks, scored and gathered. Seed s
-    draws x_T and every step's noise from its own generator, the same at every evaluation and in every run, so the
-    image of one (prompt, seed) is comparable across epochs and runs. Diversity is measured in the reward model's unit
-    image embedding (`reward_fn.embed`) when it has one, else on the images area-resampled to 32x32 (an RMS pixel
-    distance). -> (record, (images, labels, scores)) on rank 0, (None, None) elsewhere."""
+    """Every (eval prompt, seed s) pair, split over the ranks: x_T and every step's noise from seed s alone, the same in
+    every evaluation and run. Diversity: in the reward model's unit image embedding (`reward_fn.embed`), else in 32x32
+    pixels (an RMS distance). -> (record, (images, labels, scores)) on rank 0, (None, None) elsewhere."""
     k, shape = args.eval_samples, (args.steps + 1, *m.latent_shape)  # noise[s, 0]: x_T; noise[s, j + 1]: step j's
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in range(k)])
     pairs = [(p, s) for p in range(len(prompts)) for s in range(k)]
@@ -759,11 +751,11 @@ def evaluate(m, reward_fn, prompts, args, rank, world):
     mine = (pairs[rank * per_rank :] + pairs)[:per_rank]  # the last rank pads with repeats: equal shapes to gather
     scores, features, images = [], [], []
     for i in range(0, per_rank, args.train_batch):
-        texts, seeds = zip(*[(prompts[p], s) for p, s in mine[i : i + args.train_batch]])
-        batch_noise = noise[list(seeds)].to(m.device)
-        x0 = decode(m, denoise(m, list(texts), batch_noise[:, 0], args, noise=batch_noise[:, 1:]), args.train_batch)
+        chunk = mine[i : i + args.train_batch]
+        texts, z = [prompts[p] for p, _ in chunk], noise[[s for _, s in chunk]]
+        x0 = decode(m, denoise(m, texts, z[:, 0].to(m.device), args, noise=z[:, 1:].to(m.device)), args.train_batch)
         f = reward_fn.embed(x0).float() if reward_fn.embed else F.interpolate(x0, size=(32, 32), mode="area").flatten(1)
-        scores.append(reward_fn(x0, list(texts)).float())
+        scores.append(reward_fn(x0, texts).float())
         features.append(f / (f.norm(dim=-1, keepdim=True) if reward_fn.embed else math.sqrt(f.shape[1])))
         images.append((x0 * 255).round().to(torch.uint8))
     scores, features, images = (gather(torch.cat(v))[: len(pairs)] for v in (scores, features, images))
@@ -786,11 +778,10 @@ def save_grid(path, images, prompts, scores, cols=4, size=192):
     grid.save(path)
 
 
-# --- Checkpoints and resume. The guarantee: a kill at any moment loses at most the epoch it interrupts. The mechanism:
-# --- each epoch's checkpoint written aside and renamed into place, and log readers that skip a line cut short.
+# --- Checkpoints: a kill at any moment loses at most the epoch it interrupts (each epoch's checkpoint is written aside
+# --- and renamed into place; log readers skip a line cut short), and a resume refuses another run's checkpoint
 
-# Settings a resume may change; the others (and the world size) define the run, and a resume checks them
-FREE_SETTINGS = ("out", "resume", "epochs", "save_every", "eval_every", "eval_prompts", "eval_samples")
+FREE_SETTINGS = ("out", "resume", "epochs", "save_every", "eval_every", "eval_prompts", "eval_samples")  # the rest: run
 
 
 def checkpoints(out):
@@ -809,14 +800,13 @@ def read_jsonl(path):
     return records
 
 
-def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, rank, keep):
-    """Rank 0 writes OUT/checkpoint-EPOCH into a temporary directory and renames it into place, so a kill leaves all of
-    it or none: the LoRA in diffusers' format (pipe.load_lora_weights(dir) reads it) and the training state with every
-    rank's RNG streams and the run's settings. Older checkpoints go unless keep(epoch). Stops every rank with one line
-    when the write fails (a full disk) or the ranks' weights are not finite or not equal."""
+def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, rank, args):
+    """Rank 0 writes OUT/checkpoint-EPOCH aside and renames it into place, so a kill leaves all of it or none: the LoRA
+    in diffusers' format (pipe.load_lora_weights(dir) reads it), the training state, every rank's RNG streams and the
+    run's settings. The older ones go, but every --save-every-th. A failed write or unequal weights: one line."""
     params = m.lora_params + m.flow_params
-    rng = gather_object({name: g.get_state() for name, g in generators.items()})
-    digests = gather_object(sum((p.detach().double() * (i + 1)).sum().item() for i, p in enumerate(params)))
+    rng = gather({name: g.get_state() for name, g in generators.items()})
+    digests = gather(sum((p.detach().double() * (i + 1)).sum().item() for i, p in enumerate(params)))
     error = None if len(set(digests)) == 1 and math.isfinite(digests[0]) else f"weights non-finite or unequal {digests}"
     if rank == 0 and error is None:
         tmp, final = out / f".tmp-checkpoint-{epoch}", out / f"checkpoint-{epoch}"
@@ -833,9 +823,9 @@ def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, ran
             shutil.rmtree(tmp, ignore_errors=True)
             error = f"cannot write {final.name} ({' '.join(str(e).split())[:160]})"
         for old in checkpoints(out)[1:] if error is None else []:
-            if not keep(int(old.name.split("-")[1])):
+            if int(old.name.split("-")[1]) % args.save_every:
                 shutil.rmtree(old, ignore_errors=True)
-    error = gather_object(error)[0]
+    error = gather(error)[0]
     if error:
         die(f"{error}; the newest intact checkpoint: {next(iter(checkpoints(out)), None)}", status=1, rank=rank)
 
@@ -844,7 +834,7 @@ def resume(args, out, m, optimizer, generators, history, settings, rank):
     """-> the epoch to start at: 0, or that of the checkpoint --resume names ('auto': OUT's newest), after restoring
     its LoRA, flow, optimizer, DDPO history and every rank's RNG streams. Its settings must be this run's."""
     found = checkpoints(out)[:1] if args.resume == "auto" else [Path(args.resume)] if args.resume else []
-    path = gather_object(found[0] if found else None)[0]  # rank 0's choice
+    path = gather(found[0] if found else None)[0]  # rank 0's choice
     if path is None:
         return 0
     try:
@@ -864,14 +854,12 @@ def resume(args, out, m, optimizer, generators, history, settings, rank):
     return state["epoch"]
 
 
-# --- Baselines on the same sampler, rewards and loop: DDPO (--algo ddpo) and AlignProp (--algo alignprop), epoch
-# --- functions with dag_epoch's return shape; neither has a flow network or a reward temperature
+# --- Baselines on the same sampler, rewards and loop, with dag_epoch's return shape: DDPO and AlignProp (--algo)
 
 
 def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size=32):
-    """DDPO's advantages (Black et al. 2023, arXiv 2305.13301; min_count and buffer_size of its aesthetic config):
-    each terminal reward standardised by the mean and std of the last buffer_size rewards of its prompt (this batch
-    included), or by the batch's while the prompt has fewer than min_count. history {prompt id: [rewards]}, updated."""
+    """DDPO's advantages (Black et al. 2023, arXiv 2305.13301; its aesthetic config's buffer): rewards standardised by
+    the last buffer_size of their prompt's (this batch's included), by the batch's while it has < min_count."""
     advantages = torch.empty_like(scores)
     for pid in prompt_ids.unique().tolist():
         rows = prompt_ids == pid
@@ -904,9 +892,8 @@ def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank
 
 
 def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
-    """One AlignProp epoch (Prabhudesai et al. 2023, arXiv 2310.03739) with DAG's batch arithmetic: loss =
-    -r(decode(x_0)), backpropagated through the last K = --truncation steps and the decode (the first N - K run
-    without grad), micro-batches of train_batch, an optimizer step every grad_accum. Sampling is training here."""
+    """One AlignProp epoch (Prabhudesai et al. 2023, arXiv 2310.03739) in DAG's batches: -r(decode(x_0)) backpropagated
+    through the decode and the last K = --truncation steps (the first N - K run without grad)."""
     t0, scores, taken = time.time(), [], []
     for k in progress(range(args.trajectories // args.train_batch), "alignprop", rank):
         texts = [prompts[i] for i in torch.randint(len(prompts), (args.train_batch,), generator=generators["cpu"])]
@@ -979,8 +966,8 @@ def train(args, out, rank, world, device):
     history = {}  # DDPO's rewards per prompt id
     start = resume(args, out, m, optimizer, generators, history, settings, rank)
     if rank == 0:
-        sizes = [sum(p.numel() for p in ps) for ps in (m.lora_params, m.flow_params)]
-        print(f"{args.algo} on {args.model}: LoRA {sizes[0]:,} + flow {sizes[1]:,} params; {world} process(es) x "
+        lora, flow = (sum(p.numel() for p in ps) for ps in (m.lora_params, m.flow_params))
+        print(f"{args.algo} on {args.model}: LoRA {lora:,} + flow {flow:,} params; {world} process(es) x "
               f"{args.trajectories} trajectories per epoch; epoch {start} of {args.epochs}", flush=True)
         if start == 0:
             (out / "args.json").write_text(json.dumps({**settings, "argv": sys.argv}, indent=1))
@@ -1024,9 +1011,7 @@ def train(args, out, rank, world, device):
             torch.cuda.reset_peak_memory_stats(device)
         if rank == 0:
             log("log.jsonl", record)
-        # NOTE: a checkpoint every epoch (the others roll), so a kill loses at most the epoch it interrupts
-        keep = lambda e: e % args.save_every == 0 or e == args.epochs  # noqa: E731
-        save_checkpoint(out, epoch + 1, m, optimizer, generators, history, settings, rank, keep)
+        save_checkpoint(out, epoch + 1, m, optimizer, generators, history, settings, rank, args)  # every epoch
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ benchmark/models/digits-classifier.safetensors, both made by `pretrain` (seeded,
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -304,7 +305,8 @@ def run_jobs(jobs, parallel):
             running.remove(job)
             if proc.returncode:
                 raise RuntimeError(f"{out.name} failed (exit {proc.returncode}); see {out.parent / out.name}.log")
-            (out / "wall.json").write_text(json.dumps({"wall_s": time.time() - started}))
+            code = hashlib.sha1(Path(proc.args[1]).read_bytes()).hexdigest()[:12]  # which dag.py ran
+            (out / "wall.json").write_text(json.dumps({"wall_s": time.time() - started, "dag_py_sha1": code}))
             evals = curve(dag.read_jsonl(out / "eval.jsonl"))
             print(f"[{time.time() - t0:5.0f} s] done  {out.name}: {time.time() - started:.0f} s, eval {evals}")
 
@@ -313,22 +315,26 @@ def final(run):
     return dag.read_jsonl(run / "eval.jsonl")[-1]["eval_reward_mean"]
 
 
-def mutant(out, name):
-    """A copy of dag.py with one line edited (MUTANTS), next to a copy of rewards.py, under OUT/mutants/."""
+def snapshot(folder, edit=None):
+    """A copy of dag.py (with one line edited: MUTANTS[edit]) and rewards.py in FOLDER, to run from: editing the
+    working tree then does not change the runs in flight. -> the copy of dag.py."""
     source = (ROOT / "dag.py").read_text()
-    old, new = MUTANTS[name]
-    assert source.count(old) == 1, f"the {name} mutant's line is not in dag.py"
-    folder = out / "mutants" / name
+    if edit is not None:
+        old, new = MUTANTS[edit]
+        assert source.count(old) == 1, f"the {edit} mutant's line is not in dag.py"
+        source = source.replace(old, new)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "dag.py").write_text(source.replace(old, new))
+    (folder / "dag.py").write_text(source)
     (folder / "rewards.py").write_text((ROOT / "rewards.py").read_text())
     return folder / "dag.py"
 
 
 def benchmark(out, stages, parallel=2):
-    """The stages in order: tune (fills CHOSEN), main, fraction, beta, mutants; then the report."""
+    """The stages in order: tune (fills CHOSEN), main, fraction, beta, mutants; then the report. Every run of this call
+    runs dag.py as it was when the call started (a snapshot in OUT/code)."""
+    script = snapshot(out / "code")
     if "tune" in stages:
-        run_jobs([(out / "tune" / f"{a}-{k}", argv(a, f, 0), ROOT / "dag.py") for k in range(5)
+        run_jobs([(out / "tune" / f"{a}-{k}", argv(a, f, 0), script) for k in range(5)
                   for a, tries in TRIES.items() for f in tries[k : k + 1]], parallel)
     for algo, tries in TRIES.items():
         done = [k for k in range(5) if (out / "tune" / f"{algo}-{k}" / "wall.json").is_file()]
@@ -336,15 +342,16 @@ def benchmark(out, stages, parallel=2):
             CHOSEN[algo] = tries[max(done, key=lambda k: final(out / "tune" / f"{algo}-{k}"))]
     jobs = []
     if "main" in stages:
-        jobs += [(out / f"{a}-seed{s}", argv(a, CHOSEN[a], s, *EVAL), ROOT / "dag.py") for a in CHOSEN for s in SEEDS]
+        jobs += [(out / f"{a}-seed{s}", argv(a, CHOSEN[a], s, *EVAL), script) for a in CHOSEN for s in SEEDS]
     if "fraction" in stages:
         jobs += [(out / f"{a}-f{f}-seed{s}", argv(a, with_flag(CHOSEN[a], "--timestep-fraction", f), s, *EVAL),
-                  ROOT / "dag.py") for a in ("db", "kl") for f in FRACTIONS for s in SEEDS]
+                  script) for a in ("db", "kl") for f in FRACTIONS for s in SEEDS]
     if "beta" in stages:
         jobs += [(out / f"beta{b}", argv("db", with_flag(CHOSEN["db"], "--reward-exp", b), SEEDS[0], *EVAL),
-                  ROOT / "dag.py") for b in BETAS]
+                  script) for b in BETAS]
     if "mutants" in stages:
-        jobs += [(out / f"mutant-{name}", argv("db", CHOSEN["db"], SEEDS[0], *EVAL), mutant(out, name))
+        jobs += [(out / f"mutant-{name}", argv("db", CHOSEN["db"], SEEDS[0], *EVAL),
+                  snapshot(out / f"code-{name}", name))
                  for name in MUTANTS]
     run_jobs(jobs, parallel)
 
