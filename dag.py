@@ -104,7 +104,7 @@ def gaussian_logprob(x, mean, std):
 
 
 def model_output_to_eps(scheduler, output, t, x_t):
-    """The UNet's output as an epsilon prediction: unchanged for "epsilon" models (SD-1.x, the CIFAR DDPM); for
+    """The UNet's output as an epsilon prediction: unchanged for "epsilon" models (SD-1.x, the CIFAR DDPM). NOTE: for
     "v_prediction" models (SD-2.x 768) eps = sqrt(a_t) v + sqrt(1 - a_t) x_t. Other types raise ValueError."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -459,7 +459,7 @@ def policy_logprob(m, batch, args):
 
 
 def dag_loss(m, batch, reward_exp, args):
-    """DAG-DB or DAG-KL loss (b,) of a micro-batch at this epoch's reward_exp, and detached stats. kl_coef None means
+    """DAG-DB or DAG-KL loss (b,) of a micro-batch at this epoch's reward_exp, and detached stats. NOTE: kl_coef None is
     the final reward_exp: "For DAG-KL, we put the final beta coefficient on the KL gradient term" (the paper)."""
     log_pf, eps = policy_logprob(m, batch, args)
     log_pb = backward_logprob(m.scheduler, batch.t, batch.x_t, batch.x_child)
@@ -512,7 +512,8 @@ def train_epoch(m, ro, order, perm, optimizer, loss_fn, args, rank=0):
 def dag_epoch(m, reward_fn, prompts, optimizer, epoch, args, generators, rank=0):
     """One DAG epoch: roll out --trajectories trajectories (prompts drawn uniformly), choose the K transitions of each
     to train, score the states they read, then one pass of training at this epoch's beta. generators: "noise" (on the
-    device: x_T and the sampler's noise) and "cpu" (prompts, training order). -> (rewards r(x_0) (B,), stats)."""
+    device: x_T and the sampler's noise) and "cpu" (prompts, training order). -> (rewards r(x_0) (B,), stats).
+    NOTE: one rollout of all B (the UNet on train_batch rows at a time); the release samples 4 batches of 16."""
     reward_exp = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
     t0 = time.time()
     idx = torch.randint(len(prompts), (args.trajectories,), generator=generators["cpu"])
@@ -624,8 +625,8 @@ def setup_distributed():
 
 
 def average_gradients(params):
-    """Average the gradients over the ranks, once per optimizer step (no DDP wrapper; a missing gradient counts as
-    zero, so every rank takes part in the same all-reduces)."""
+    """Average the gradients over the ranks, once per optimizer step. NOTE: no DDP wrapper (the release's, train_gfn.py:
+    180, 201); a missing gradient counts as zero, so every rank takes part in the same all-reduces."""
     if dist.is_initialized():
         for p in params:
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
@@ -948,7 +949,7 @@ def train(args, out, rank, world, device):
     """Load everything, then the epoch loop: (evaluate) -> one epoch of --algo -> log -> checkpoint."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # the LoRA and flow initialisation: the same on every rank (checked at each save)
-    # CRUCIAL: a different seed per rank for prompts, noise and shuffling, or every GPU draws the same samples
+    # NOTE: CRUCIAL: a seed per rank for prompts, noise and shuffling (the release seeds all alike, train_gfn.py:83)
     cpu = torch.Generator().manual_seed(args.seed + rank)
     generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank), "cpu": cpu}
     index = pipeline_index(args.model, args.steps)
@@ -960,6 +961,7 @@ def train(args, out, rank, world, device):
     except (ImportError, OSError, ValueError) as e:
         die(e)
     m = load_models(args, device, index)
+    # NOTE: the flow's own lr (--flow-lr); the release's config has flow_learning_rate but uses learning_rate for both
     groups = [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow_params, "lr": args.flow_lr or args.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)  # the release's AdamW
     settings = {**{k: v for k, v in vars(args).items() if k not in FREE_SETTINGS}, "world_size": world}
