@@ -822,7 +822,8 @@ def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, ran
             os.replace(tmp, final)
         except Exception as e:  # NOTE: a full disk is an OSError, torch.save's RuntimeError or safetensors' own error
             shutil.rmtree(tmp, ignore_errors=True)
-            error = f"cannot write {final.name} ({' '.join(str(e).split())[:160]})"
+            free = shutil.disk_usage(out).free / 2**20
+            error = f"cannot write {final.name} ({' '.join(str(e).split())[:160]}; {free:.1f} MB free there)"
         for old in checkpoints(out)[1:] if error is None else []:
             if int(old.name.split("-")[1]) % args.save_every:
                 shutil.rmtree(old, ignore_errors=True)
