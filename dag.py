@@ -70,8 +70,6 @@ import rewards
 
 # --- DDIM transition log-probs (Song et al. 2021, Eq. 12, sigma_t = eta * sigma). Conventions a copier must keep: the
 # --- model predicts epsilon (v is converted), log-probs are MEANS over dimensions, the schedule has steps_offset=1.
-
-
 def ddim_scheduler(config, steps):
     """A DDIMScheduler from any diffusers scheduler config, set to `steps` inference steps.
 
@@ -153,8 +151,6 @@ def backward_logprob(scheduler, t, x_t, x_child):
 
 
 # --- Flow network F_phi(x_t, t, c) -> (B,) (release: ConditionalFlow, alignment/flow.py), from diffusers' blocks
-
-
 class FlowNet(nn.Module):
     """Time-conditioned conv encoder with cross-attention to the prompt, pooled to one scalar per state.
 
@@ -189,8 +185,6 @@ class FlowNet(nn.Module):
 
 
 # --- Trajectories as data: what a rollout stores, and a micro-batch of transitions taken from it
-
-
 @dataclasses.dataclass
 class Rollout:
     """B trajectories of N DDIM steps, stored as chains of N + 1 states: step j goes from state j (its x_t) to state
@@ -236,8 +230,6 @@ class Transitions:
 
 
 # --- DAG objectives: pure functions of (b,) tensors (log_flows: of a flow module and a micro-batch), copyable alone
-
-
 def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
     """beta_e = reward_exp * min(1, e / (num_epochs / 2)), linear over the first half (train_gfn.py:252-256).
 
@@ -302,8 +294,6 @@ def kl_loss(log_flow, log_pf, log_pb, log_flow_child, log_pf_rollout, clip_range
 
 
 # --- The networks as the DAG path calls them (the harness's `load_models` builds them)
-
-
 @dataclasses.dataclass
 class Models:
     """The networks of one run. Trainable: the UNet's LoRA weights and the flow net."""
@@ -369,8 +359,6 @@ def decode(m, x0, chunk):
 
 
 # --- Rollout: sample trajectories with the current policy; score the states training will read
-
-
 def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
     """predict_eps on `chunk` rows at a time. NOTE: the rollout calls the UNet with train_batch rows, as the training
     forward does: kernels depend on the batch size, and equal shapes make an unchanged theta reproduce eps bitwise."""
@@ -383,14 +371,9 @@ def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
 
 def policy_step(m, x_t, t, text, args, generator):
     """One sampling step of the rollout policy (CFG with --guidance-scale) -> (x_child, log_pf, eps, eps_text): log_pf
-    and eps as the training forward will recompute them. NOTE: with --no-cfg that forward is text-only, so both are
-    re-taken from a text-only forward of the same x_child (one more UNet call per step); the release compares a
-    text-only training output with the post-CFG rollout one (train_gfn.py:506-513)."""
+    and eps exactly as the training forward (CFG too) recomputes them while theta is unchanged."""
     eps, eps_text = predict_eps_chunked(m, x_t, t, text, args.guidance_scale, args.train_batch)
     x_child, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, args.eta, generator=generator)
-    if not args.cfg and m.conditional:
-        eps, _ = predict_eps_chunked(m, x_t, t, text, None, args.train_batch)
-        _, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, args.eta, x_child=x_child)
     return x_child, log_pf, eps, eps_text
 
 
@@ -432,8 +415,6 @@ def score_states(m, reward_fn, ro, scored, chunk):
 
 
 # --- Training: which transitions, the loss of a micro-batch, the optimizer step, one pass over a rollout, the epoch
-
-
 def transition_order(B, N, fraction, generator):
     """The release's training order (train_gfn.py:423-440): shuffle the trajectories, permute the N transitions of
     EACH trajectory independently, and train the first K = int(N * fraction) of each permutation, at least 1 (the
@@ -452,8 +433,8 @@ def states_read(perm, N):
 
 def policy_logprob(m, batch, args):
     """The training forward: log p_theta(x_child | x_t) (b,) of the stored transitions under the current LoRA, with
-    the eps it used. NOTE: CFG in the training forward too (the release's cfg=True), unless --no-cfg."""
-    eps, _ = predict_eps(m, batch.x_t, batch.t, batch.text, args.guidance_scale if args.cfg else None)
+    the eps it used: CFG in the training forward too, as the release's default (cfg=True)."""
+    eps, _ = predict_eps(m, batch.x_t, batch.t, batch.text, args.guidance_scale)
     _, log_pf = ddim_step_logprob(m.scheduler, eps, batch.t, batch.x_t, args.eta, x_child=batch.x_child)
     return log_pf, eps
 
@@ -518,8 +499,8 @@ def dag_epoch(m, reward_fn, prompts, optimizer, epoch, args, generators, rank=0)
     t0 = time.time()
     idx = torch.randint(len(prompts), (args.trajectories,), generator=generators["cpu"])
     ro = rollout(m, reward_fn, [prompts[i] for i in idx], args, generators["noise"])
-    order, perm = transition_order(args.trajectories, args.steps, args.timestep_fraction, generators["cpu"])
-    order, perm = order.to(m.device), perm.to(m.device)
+    order, perm = (v.to(m.device) for v in transition_order(args.trajectories, args.steps, args.timestep_fraction,
+                                                             generators["cpu"]))
     score_states(m, reward_fn, ro, states_read(perm, args.steps), args.train_batch)
     t1 = time.time()
     stats = train_epoch(m, ro, order, perm, optimizer, lambda batch: dag_loss(m, batch, reward_exp, args), args, rank)
@@ -550,7 +531,6 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50, help="N, DDIM steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta in (0, 1]")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG weight w (negative prompt '')")
-    p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True, help="CFG in the training forward")
     p.add_argument("--trajectories", type=int, default=64, help="per process and epoch (release: 16 x 4 batches)")
     p.add_argument("--train-batch", type=int, default=8, help="trajectories per micro-batch (and UNet batch)")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
@@ -611,8 +591,6 @@ def progress(iterable, desc, rank):  # a bar on rank 0, none in a redirected log
 
 
 # --- Distributed helpers (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is rank 0 of 1)
-
-
 def setup_distributed():
     """-> (rank, world_size, device). NCCL on GPU, gloo on CPU."""
     cuda = torch.cuda.is_available()
@@ -638,17 +616,13 @@ def gather(x):
     """A (B, ...) tensor from every rank, concatenated; any other object: [rank 0's, rank 1's, ...]."""
     if not dist.is_initialized():
         return x if torch.is_tensor(x) else [x]
-    parts = [torch.empty_like(x) if torch.is_tensor(x) else None for _ in range(dist.get_world_size())]
-    if torch.is_tensor(x):
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
-    dist.all_gather_object(parts, x)
-    return parts
+    tensor = torch.is_tensor(x)
+    parts = [torch.empty_like(x) if tensor else None for _ in range(dist.get_world_size())]
+    (dist.all_gather if tensor else dist.all_gather_object)(parts, x)
+    return torch.cat(parts) if tensor else parts
 
 
 # --- Loading: the model (its configs checked before its weights load) and the reward (every output checked)
-
-
 def pipeline_index(model, steps):
     """The pipeline's model_index.json, once its scheduler is known to fit (a supported prediction type, --steps within
     its schedule): a problem is one line, before the weights load."""
@@ -714,19 +688,15 @@ def checked(reward_fn, name):
 
 
 # --- Evaluation: fixed noise, reward, diversity, image grids
-
-
 def denoise(m, prompts, x, args, noise=None, generator=None, grad_steps=0):
     """x_T -> x_0 with the policy alone (nothing stored), for evaluation and AlignProp. Step j's noise is noise[:, j]
-    if given, else drawn from `generator`; the last `grad_steps` steps keep the graph, each UNet call checkpointed."""
+    if given, else drawn from `generator`; the last `grad_steps` steps keep the graph, each UNet call checkpointed
+    (without grad, checkpoint() is a plain call)."""
     text = encode_prompts(m, prompts) if m.conditional else None
     for j, t_scalar in enumerate(m.scheduler.timesteps):
         t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
         with torch.set_grad_enabled(torch.is_grad_enabled() and j >= args.steps - grad_steps):
-            if torch.is_grad_enabled():
-                eps = checkpoint(predict_eps, m, x, t, text, args.guidance_scale, use_reentrant=False)[0]
-            else:
-                eps = predict_eps(m, x, t, text, args.guidance_scale)[0]
+            eps = checkpoint(predict_eps, m, x, t, text, args.guidance_scale, use_reentrant=False)[0]
             step_noise = None if noise is None else noise[:, j]
             x, _ = ddim_step_logprob(m.scheduler, eps, t, x, args.eta, generator=generator, noise=step_noise)
     return x
@@ -857,8 +827,6 @@ def resume(args, out, m, optimizer, generators, history, settings, rank):
 
 
 # --- Baselines on the same sampler, rewards and loop, with dag_epoch's return shape: DDPO and AlignProp (--algo)
-
-
 def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size=32):
     """DDPO's advantages (Black et al. 2023, arXiv 2305.13301; its aesthetic config's buffer): rewards standardised by
     the last buffer_size of their prompt's (this batch's included), by the batch's while it has < min_count."""
@@ -885,8 +853,8 @@ def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank
     idx = torch.randint(len(prompts), (args.trajectories,), generator=generators["cpu"])
     ro = rollout(m, reward_fn, [prompts[i] for i in idx], args, generators["noise"])
     advantages = per_prompt_advantages(gather(ro.reward), gather(idx.to(m.device)), history).clamp(-5, 5)
-    order, perm = transition_order(args.trajectories, args.steps, args.timestep_fraction, generators["cpu"])
-    order, perm = order.to(m.device), perm.to(m.device)
+    order, perm = (v.to(m.device) for v in transition_order(args.trajectories, args.steps, args.timestep_fraction,
+                                                             generators["cpu"]))
     t1 = time.time()
     mine = advantages.view(world, -1)[rank]  # this rank's trajectories
     stats = train_epoch(m, ro, order, perm, optimizer, lambda b: ddpo_loss(m, b, mine[b.rows], args), args, rank)
@@ -913,8 +881,6 @@ def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
 
 
 # --- main
-
-
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)

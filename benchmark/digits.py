@@ -169,7 +169,7 @@ def digit_samples(model, n=64, steps=20, checkpoint=None):
     """The images of eval seeds 0..n-1 (dag.py's fixed evaluation noise) from the base model, or with a run's
     checkpoint LoRA loaded: (n, 3, 8, 8) in [0, 1]."""
     args = dag.parse_args(["--model", str(model), "--algo", "ddpo", "--steps", str(steps), "--train-batch", "32",
-                           "--trajectories", "32", "--eval-samples", str(n)])
+                           "--grad-accum", "1", "--trajectories", "32", "--eval-samples", str(n)])
     dag.check_args(args)
     m = dag.load_models(args, torch.device("cpu"), dag.pipeline_index(str(model), steps))
     if checkpoint is not None:
