@@ -266,7 +266,7 @@ THRESHOLD = 0.5  # "trajectories to reach": the first evaluation whose mean p(3)
 # The learning test (test_dag.py): the chosen DAG-DB setting at seed SEEDS[0] must raise the eval p(3) of the 64 seeds
 # by more than `margin` in 30 epochs. The margin comes from the measured gains of the seeds, the beta = 0 drift and the
 # sign mutant (benchmark/README.md, "The learning test").
-LEARNING_TEST = {"flags": "TBD", "margin": None}
+LEARNING_TEST = {"flags": "--lr 1e-2 --flow-lr 1e-3 --reward-exp 300 --unetreg 100", "margin": 0.3}  # = CHOSEN["db"]
 
 
 def argv(algo, flags, seed, *extra):
@@ -377,7 +377,7 @@ def curve(evals):
     return " ".join(f"{r['eval_reward_mean']:.3f}" for r in evals)
 
 
-def cpu_seconds(run):
+def loop_seconds(run):
     """The run's training-loop seconds: rollout (with the state scoring) and training, evaluations excluded."""
     return sum(r["rollout_s"] + r["train_s"] for r in dag.read_jsonl(run / "log.jsonl"))
 
@@ -387,15 +387,14 @@ def report(out):
     runs = sorted(p for p in out.glob("*") if (p / "wall.json").is_file())
     samples = {"base": digit_samples(DDPM)}
     for run in runs:
-        epochs = json.loads((run / "args.json").read_text())["epochs"]
-        samples[run.name] = digit_samples(DDPM, checkpoint=run / f"checkpoint-{epochs}")
+        samples[run.name] = digit_samples(DDPM, checkpoint=dag.checkpoints(run)[0])  # the newest: the final one
     summary = {name: digit_summary(images) for name, images in samples.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     groups = {a: [out / f"{a}-seed{s}" for s in SEEDS] for a in CHOSEN}
     groups.update({f"{a} f={f}": [out / f"{a}-f{f}-seed{s}" for s in SEEDS] for a in ("db", "kl") for f in FRACTIONS})
     groups = {k: [p for p in v if p in runs] for k, v in groups.items()}
     lines = ["| algorithm | setting | eval p(3), base → trained | classified 3 (of 64) | diversity (32×32 px) | "
-             f"colours among the 3s (bits) | shape spread of the 3s | loop CPU s | trajectories to p(3) ≥ {THRESHOLD} "
+             f"colours among the 3s (bits) | shape spread of the 3s | loop s | trajectories to p(3) ≥ {THRESHOLD} "
              "|",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, paths in groups.items():
@@ -411,23 +410,23 @@ def report(out):
                      f"{mean_std([e[-1]['diversity'] for e in evals])} | "
                      f"{mean_std([x['target_colour_entropy'] for x in s])} | "
                      f"{mean_std([x['target_shape_spread'] for x in s])} | "
-                     f"{mean_std([cpu_seconds(p) for p in paths], 0)} | "
+                     f"{mean_std([loop_seconds(p) for p in paths], 0)} | "
                      f"{', '.join(reach)} |")
     b = summary["base"]
     lines += ["", f"Base model, 64 fixed-noise samples: {64 * b['target_fraction']:.0f} classified 3, classes 0-9 "
               f"{b['classes']}, colours (r, y, g, c, b, m, unlit) {b['colours']}, colours among the 3s "
               f"{b['target_colour_entropy']:.2f} bits, shape spread of the 3s {b['target_shape_spread']:.3f}.", "",
               "| run | eval p(3) at epochs 0, 5, ..., 30 | diversity 0 → 30 | classified 3 (of 64) | classes 0-9 of "
-              "the others | colours (r, y, g, c, b, m, unlit) | loop CPU s | wall s |",
+              "the others | colours (r, y, g, c, b, m, unlit) | loop s | wall s |",
               "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         ev, s = dag.read_jsonl(run / "eval.jsonl"), summary[run.name]
         lines.append(f"| {run.name} | {curve(ev)} | {ev[0]['diversity']:.3f} "
                      f"→ {ev[-1]['diversity']:.3f} | {64 * s['target_fraction']:.0f} | {s['non_target_classes']} | "
-                     f"{s['colours']} | {cpu_seconds(run):.0f} | "
+                     f"{s['colours']} | {loop_seconds(run):.0f} | "
                      f"{json.loads((run / 'wall.json').read_text())['wall_s']:.0f} |")
     if (out / "tune").is_dir():
-        lines += ["", "| tuning try (seed 0) | eval p(3) at epochs 0, 5, ..., 30 | diversity 0 → 30 | loop CPU s |",
+        lines += ["", "| tuning try (seed 0) | eval p(3) at epochs 0, 5, ..., 30 | diversity 0 → 30 | loop s |",
                   "|---|---|---|---|"]
         for algo, tries in TRIES.items():
             for k, flags in enumerate(tries):
@@ -436,11 +435,11 @@ def report(out):
                     ev = dag.read_jsonl(run / "eval.jsonl")
                     lines.append(f"| {algo}-{k} `{flags}`{' (chosen)' if CHOSEN.get(algo) == flags else ''} | "
                                  f"{curve(ev)} | {ev[0]['diversity']:.3f} → "
-                                 f"{ev[-1]['diversity']:.3f} | {cpu_seconds(run):.0f} |")
+                                 f"{ev[-1]['diversity']:.3f} | {loop_seconds(run):.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     curves = {name: [dag.read_jsonl(p / "eval.jsonl") for p in paths] for name, paths in groups.items() if paths}
-    cpu = {name: sum(cpu_seconds(p) for p in paths) / len(paths) / 30 for name, paths in groups.items() if paths}
-    figure(out / "curves.png", curves, cpu)
+    per_epoch = {name: sum(loop_seconds(p) for p in paths) / len(paths) / 30 for name, paths in groups.items() if paths}
+    figure(out / "curves.png", curves, per_epoch)
     shown = ["base"] + [f"{a}-seed{SEEDS[0]}" for a in CHOSEN if f"{a}-seed{SEEDS[0]}" in samples]
     grids(out / "samples.png", {name: samples[name] for name in shown})
     betas = {"base": samples["base"], **{f"beta {b}": samples[f"beta{b}"] for b in BETAS if f"beta{b}" in samples}}
@@ -463,11 +462,11 @@ def nice_ticks(lo, hi, n=5):
 COLOUR_OF = {"db": "steelblue", "kl": "darkorange", "ddpo": "seagreen", "alignprop": "crimson"}
 
 
-def figure(path, curves, cpu_per_epoch):
-    """Three panels: eval p(3) against trajectories, against loop CPU seconds (mean per epoch x epoch), and diversity
-    against trajectories; the mean over seeds, one line per algorithm and fraction (dashes: f < 1)."""
+def figure(path, curves, seconds_per_epoch):
+    """Three panels: eval p(3) against trajectories, against training-loop seconds (mean per epoch x epoch), and
+    diversity against trajectories; the mean over seeds, one line per algorithm and fraction (dashes: f < 1)."""
     panels = [("eval p(3), mean over seeds", "eval_reward_mean", "trajectories"),
-              ("eval p(3), mean over seeds", "eval_reward_mean", "loop CPU seconds (one thread)"),
+              ("eval p(3), mean over seeds", "eval_reward_mean", "loop seconds (1 thread, 2 runs at a time)"),
               ("diversity (32x32 pixels)", "diversity", "trajectories")]
     W, H = 420, 300
     image = Image.new("RGB", (W * len(panels), H + 24), "white")
@@ -475,7 +474,7 @@ def figure(path, curves, cpu_per_epoch):
     for i, (title, key, axis) in enumerate(panels):
         lines = {}
         for name, evals in curves.items():
-            scale = cpu_per_epoch[name] if axis.startswith("loop") else 32
+            scale = seconds_per_epoch[name] if axis.startswith("loop") else 32
             lines[name] = [(r["epoch"] * scale, sum(e[k][key] for e in evals) / len(evals))
                            for k, r in enumerate(evals[0])]
         xs, ys = [x for c in lines.values() for x, _ in c], [y for c in lines.values() for _, y in c]

@@ -1,0 +1,461 @@
+"""The text-to-image digits benchmark: a tiny Stable Diffusion pipeline pretrained on captioned digits, a named-digit
+reward, prompts with held-out (colour, digit) pairs, and the four algorithms of dag.py on it with one budget.
+
+    python -m benchmark.t2i pretrain --out DIR          # remake benchmark/models/digits-t2i in DIR (~30 min)
+    python -m benchmark.t2i run --out runs/t2i          # the RUNS (--parallel N, --only NAME ...), then the report
+    python -m benchmark.t2i report --out runs/t2i       # table.md, curves.png, grids.png of the finished runs
+    --reward benchmark.t2i:named_digit                  # the reward, as dag.py takes it (run from the repository root)
+
+Shipped: benchmark/models/digits-t2i (a StableDiffusionPipeline, `dag.py --model benchmark/models/digits-t2i`, made by
+`pretrain`: seed 0, one thread, 29 min; its pretrain-record.json) and benchmark/models/digits-t2i-prompts: train.txt,
+48 of the 60 captions; eval.txt, 12 of those (rows 0-11) and the 12 held out of train.txt (rows 12-23).
+
+The model: the real diffusers / transformers classes of SD 1.5 at toy size, trained from scratch on scikit-learn's 1797
+8x8 digits, each drawn in one of digits.COLOURS on black, nearest-upsampled to 16x16 RGB, captioned "a red three":
+
+    AutoencoderKL           16x16x3 <-> 8x8x4 latents (block_out (32, 64)); scaling_factor = 1 / std of the latents
+    CLIPTokenizer           whole-word BPE over the 17 caption words, model_max_length 8
+    CLIPTextModel           2 layers, 32 wide, 4 heads (trained jointly with the UNet, from scratch)
+    UNet2DConditionModel    block_out (32, 64), cross-attention (dim 32) in both levels and the mid block, eps-pred
+    DDIMScheduler           SD-1.5's schedule (scaled_linear 0.00085 .. 0.012, 1000 steps, steps_offset 1)
+
+Caption dropout (10 % empty prompts) makes classifier-free guidance work. The budget evaluates and trains at guidance
+1, where the base model has headroom (r = 0.85; at guidance 5 it is at 0.94, above the real digits' 0.86).
+"""
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark.digits import COLOUR_NAMES, COLOUR_OF, COLOURS, MODELS, colour_of, colourise, loop_seconds  # noqa: E402
+from benchmark.digits import curve, digit_classifier, digit_intensities, digit_logits, nice_ticks  # noqa: E402
+from benchmark.digits import run_jobs, snapshot, with_flag  # noqa: E402
+import dag  # noqa: E402
+
+MODEL = MODELS / "digits-t2i"
+PROMPTS = MODELS / "digits-t2i-prompts"
+TRAINED_ON = 12  # eval.txt's first 12 rows are in train.txt; the other 12 are held out of it
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000, prediction_type="epsilon")
+MAX_LENGTH = 8  # <|startoftext|> a red three <|endoftext|> + padding
+
+
+def parse(prompt):
+    """'a red three' -> (colour index, digit index); -1 for a part the prompt does not name."""
+    words = prompt.lower().split()
+    colour = next((COLOUR_NAMES.index(w) for w in words if w in COLOUR_NAMES), -1)
+    digit = next((DIGIT_NAMES.index(w) for w in words if w in DIGIT_NAMES), -1)
+    return colour, digit
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model: tokenizer, configs, data, pretraining
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def clip_bpe(word, ranks):
+    """CLIP's BPE of one word (openai/CLIP simple_tokenizer.bpe): characters, the last with '</w>', then repeatedly
+    merge the lowest-ranked adjacent pair (all its occurrences, left to right)."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        best = min(set(zip(parts, parts[1:])), key=lambda p: ranks.get(p, math.inf))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+def word_merges(words):
+    """BPE merges (in rank order) under which every word is one token: add a merge of the first two parts of a word
+    that is still split, until none is. A new merge ranks last, so it never changes how an earlier word splits before
+    its own end state; the loop reaches a fixed point."""
+    merges = []
+    while True:
+        ranks = {m: i for i, m in enumerate(merges)}
+        todo = [p for p in (clip_bpe(w, ranks) for w in words) if len(p) > 1]
+        if not todo:
+            return merges
+        merges.append((todo[0][0], todo[0][1]))
+
+
+def build_tokenizer(path):
+    """CLIPTokenizer (vocab.json + merges.txt in `path`) over single letters and the caption words; <|endoftext|> is
+    the last id (as in CLIP) and the padding; model_max_length MAX_LENGTH."""
+    from transformers import CLIPTokenizer
+
+    words = ["a", *COLOUR_NAMES, *DIGIT_NAMES]
+    merges = word_merges(words)
+    vocab = {"<|startoftext|>": 0}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=MAX_LENGTH,
+                        pad_token="<|endoftext|>")
+    for w in words:  # the real tokenizer must agree: one token per caption word
+        ids = tok(w, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and tok.convert_ids_to_tokens(ids)[0] == w + "</w>", (w, ids)
+    return tok
+
+
+def render(intensity, colour):
+    """(B, 8, 8) in [0, 1], (B,) colour ids -> (B, 3, 16, 16) RGB in [-1, 1]: the digit in its colour on black,
+    nearest-upsampled 2x (so a 2x2 average pool gives the 8x8 digit back exactly)."""
+    rgb = torch.from_numpy(colourise(intensity.numpy(), colour.numpy()))
+    return F.interpolate(rgb, scale_factor=2, mode="nearest") * 2 - 1
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=32, sample_size=16)
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+                                        bos_token_id=0, eos_token_id=eos, pad_token_id=eos, projection_dim=32))
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+                                norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def cosine_warmup(optimizer, steps, warmup):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def train_vae(intensity, steps, batch, lr, kl_weight, g):
+    """AutoencoderKL on random (digit, colour) draws: MSE(recon of a posterior sample) + kl_weight * KL."""
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = cosine_warmup(opt, steps, min(50, steps // 10))
+    vae.train()
+    t0, recent = time.time(), []
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(intensity), (batch,), generator=g)
+        x = render(intensity[idx], torch.randint(len(COLOURS), (batch,), generator=g))
+        post = vae.encode(x).latent_dist
+        rec = F.mse_loss(vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g)).sample, x)
+        loss = rec + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        recent = (recent + [rec.item()])[-50:]
+        if step % 100 == 0 or step == steps:
+            print(f"vae step {step}/{steps} | recon mse {sum(recent) / len(recent):.5f} | {time.time() - t0:.0f} s")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae, intensity):
+    """Posterior mean and std of every (digit, colour), and the reconstruction MSE of the means over them all (images
+    in [-1, 1]): (6 * 1797, 4, 8, 8) twice, row c * 1797 + i, and a float."""
+    means, stds, err = [], [], 0.0
+    for c in range(len(COLOURS)):
+        for chunk in intensity.split(256):
+            x = render(chunk, torch.full((len(chunk),), c))
+            post = vae.encode(x).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+            err += F.mse_loss(vae.decode(post.mean).sample, x, reduction="sum").item()
+    return torch.cat(means), torch.cat(stds), err / (len(COLOURS) * len(intensity) * 3 * 16 * 16)
+
+
+def train_unet(intensity, labels, means, stds, scaling, tokenizer, steps, batch, lr, dropout, g):
+    """UNet2DConditionModel + CLIPTextModel, jointly from scratch: eps-prediction MSE on scaled latents of random
+    (digit, colour) draws, uniform t in [0, 1000), captions 'a {colour} {digit}', replaced by '' with prob `dropout`."""
+    from diffusers import DDIMScheduler
+
+    unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+    alphas = DDIMScheduler(**SD_SCHEDULER).alphas_cumprod
+    captions = [f"a {colour} {digit}" for colour in COLOUR_NAMES for digit in DIGIT_NAMES]
+    ids_table = tokenizer(captions + [""], padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                          return_tensors="pt").input_ids  # (61, L): row c * 10 + d, last row the empty prompt
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = cosine_warmup(opt, steps, min(200, steps // 10))
+    unet.train()
+    text_encoder.train()
+    t0, recent, N = time.time(), [], len(intensity)
+    for step in range(1, steps + 1):
+        i = torch.randint(N, (batch,), generator=g)
+        c = torch.randint(len(COLOURS), (batch,), generator=g)
+        rows = c * N + i
+        z0 = (means[rows] + stds[rows] * torch.randn(means[rows].shape, generator=g)) * scaling
+        cap = torch.where(torch.rand(batch, generator=g) < dropout, len(captions), c * 10 + labels[i])
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        text = text_encoder(ids_table[cap])[0]
+        loss = F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        recent = (recent + [loss.item()])[-200:]
+        if step % 250 == 0 or step == steps:
+            print(f"unet step {step}/{steps} | eps mse (last 200) {sum(recent) / len(recent):.4f} | "
+                  f"{time.time() - t0:.0f} s")
+    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), sum(recent) / len(recent)
+
+
+def pretrain(out, vae_steps=800, unet_steps=4000, batch=64, vae_lr=1e-3, unet_lr=1e-3, kl_weight=1e-6, dropout=0.1,
+             seed=0):
+    """Train the VAE (AdamW, cosine, 800 steps), then the UNet and text encoder (4000 steps), on one thread, and save
+    the StableDiffusionPipeline (safetensors) and OUT/pretrain-record.json. Seeded: a rerun gives the same weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    g, t_all, out = torch.Generator().manual_seed(seed), time.time(), Path(out)
+    intensity, labels = (torch.from_numpy(a) for a in digit_intensities())
+    tok_dir = Path(tempfile.mkdtemp(prefix="t2i-tokenizer-"))
+    tokenizer = build_tokenizer(tok_dir)
+    vae = train_vae(intensity, vae_steps, batch, vae_lr, kl_weight, g)
+    means, stds, vae_mse = encode_all(vae, intensity)
+    latents = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(seed + 1))
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    print(f"vae: recon mse {vae_mse:.5f} (posterior mean, all 10782 images) | scaling_factor {scaling:.4f}")
+    torch.manual_seed(seed + 2)  # the UNet / text encoder init does not depend on the VAE phase's draws
+    unet, text_encoder, unet_loss = train_unet(intensity, labels, means, stds, scaling, tokenizer, unet_steps, batch,
+                                               unet_lr, dropout, g)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # the BPE files too (transformers 5 saves only tokenizer.json)
+        shutil.copy(tok_dir / name, out / "tokenizer" / name)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    record = {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch": batch, "vae_lr": vae_lr,
+              "unet_lr": unet_lr, "kl_weight": kl_weight, "caption_dropout": dropout, "vae_recon_mse": vae_mse,
+              "scaling_factor": scaling, "unet_train_loss_last200": unet_loss,
+              "total_seconds": round(time.time() - t_all, 1)}
+    (out / "pretrain-record.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(record))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The reward, and what the samples are
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def named_digit(device=None, temperature=4.0):
+    """`--reward benchmark.t2i:named_digit`: r(image, prompt) = p_T(the digit the prompt names | image), T = 4: the
+    shipped colour-invariant digits classifier (digits.digit_classifier) on the image average-pooled to 8x8.
+    Differentiable in the images; a prompt that names no digit raises ValueError."""
+    net = digit_classifier()
+
+    def fn(images, prompts):
+        digits = [parse(p)[1] for p in prompts]
+        if min(digits) < 0:
+            raise ValueError(f"named_digit: a prompt names no digit: {prompts[digits.index(-1)]!r}")
+        p = (digit_logits(net, F.adaptive_avg_pool2d(images.float(), 8)) / temperature).softmax(dim=1)
+        return p.gather(1, torch.tensor(digits, device=images.device)[:, None]).squeeze(1)
+
+    return fn
+
+
+def samples(run, checkpoint=None):
+    """dag.evaluate of the base model, or with a checkpoint's LoRA loaded, as `run` evaluated (its eval prompts, noise,
+    steps, eta, guidance, batch): -> (record, images (P k, 3, 16, 16) in [0, 1], their prompts)."""
+    args = dag.parse_args(json.loads((run / "args.json").read_text())["argv"][1:])
+    args.algo = "ddpo"  # no flow net
+    m = dag.load_models(args, torch.device("cpu"), dag.pipeline_index(args.model, args.steps))
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+        dag.set_peft_model_state_dict(m.unet, state["lora"])
+    prompts = dag.rewards.task_prompts(args.reward, args.prompts, args.eval_prompts)[1]
+    record, (images, _, _) = dag.evaluate(m, dag.checked(named_digit(), "named_digit"), prompts, args, 0, 1)
+    return record, images, [p for p in prompts for _ in range(args.eval_samples)]
+
+
+def accuracy(images, prompts):
+    """(digit accuracy, colour accuracy): the classifier's argmax on the 8x8 average pool and digits.colour_of against
+    what each prompt names."""
+    named = torch.tensor([parse(p) for p in prompts])
+    digits = digit_logits(digit_classifier(), F.adaptive_avg_pool2d(images, 8)).argmax(1)
+    return float((digits == named[:, 1]).float().mean()), float((colour_of(images) == named[:, 0]).float().mean())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The benchmark: issue 21's settings (guidance 1, 20 DDIM steps, 20 epochs of 32 trajectories), one thread per run
+# --------------------------------------------------------------------------------------------------------------------
+
+BUDGET = ("--steps 20 --eta 1 --trajectories 32 --train-batch 8 --grad-accum 1 --epochs 20 --guidance-scale 1 "
+          "--eval-every 5 --eval-samples 4 --save-every 20").split() + [
+    "--prompts", str(PROMPTS / "train.txt"), "--eval-prompts", str(PROMPTS / "eval.txt")]
+DB = "--reward-exp 300 --lr 3e-3 --unetreg 100"
+KL = "--lr 1e-2 --flow-lr 1e-3 --reward-exp 100 --kl-coef 100 --clip-range 1e-2 --unetreg 100"
+# The learning test (test_dag.py) in CI: DB at a quarter of the transitions and 16 epochs, to fit the suite's budget;
+# its candidates run first, with the beta = 0 control and the reward-sign mutant (digits.MUTANTS) it must fail on
+TEST = DB + " --timestep-fraction 0.25 --epochs 16 --eval-every 16 --save-every 16"
+LEARNING_TEST = {"run": "test-seed1", "margin": None}  # the margin: chosen from the test runs (benchmark/README.md)
+RUNS = [  # (name, algo, flags, seed[, a digits.MUTANTS edit of dag.py]): edit freely; `run` skips the finished ones
+    ("test-seed1", "db", TEST, 1), ("test-seed2", "db", TEST, 2),
+    ("test-beta0-seed1", "db", with_flag(TEST, "--reward-exp", 0), 1), ("test-sign-seed1", "db", TEST, 1, "sign"),
+    ("db-seed1", "db", DB, 1), ("db-seed2", "db", DB, 2), ("db-beta0-seed1", "db", with_flag(DB, "--reward-exp", 0), 1),
+    ("kl-seed1", "kl", KL, 1), ("kl-seed2", "kl", KL, 2),
+    ("alignprop-K5-seed1", "alignprop", "--lr 1e-2 --truncation 5", 1),
+    ("alignprop-K20-seed1", "alignprop", "--lr 3e-3 --truncation 20", 1),
+    ("ddpo-lr1e-2-seed1", "ddpo", "--lr 1e-2 --clip-range 1e-2", 1),
+    ("ddpo-lr3e-3-seed1", "ddpo", "--lr 3e-3 --clip-range 1e-2", 1),
+]
+THRESHOLD = 0.9  # "trajectories to reach": the first evaluation whose mean r is at least this (issue 21: DB 0.90-0.91)
+
+
+def argv(algo, flags, seed, *extra):
+    return ["--model", str(MODEL), "--reward", "benchmark.t2i:named_digit", *BUDGET, "--algo", algo, *flags.split(),
+            "--seed", str(seed), *extra]
+
+
+def benchmark(out, only=(), parallel=2):
+    """The RUNS (those named in `only`, if any), each `python dag.py` on one thread from a snapshot in OUT/code."""
+    if set(only) - {name for name, *_ in RUNS}:
+        raise SystemExit(f"--only: not in RUNS: {' '.join(sorted(set(only) - {name for name, *_ in RUNS}))}")
+    script = snapshot(out / "code")
+    run_jobs([(out / name, argv(algo, flags, seed), snapshot(out / f"code-{edit[0]}", edit[0]) if edit else script)
+              for name, algo, flags, seed, *edit in RUNS if not only or name in only], parallel)
+
+
+def split(record):
+    """An evaluation's mean r on the trained-on and on the held-out eval prompts."""
+    seen, held = record["eval_reward_per_prompt"][:TRAINED_ON], record["eval_reward_per_prompt"][TRAINED_ON:]
+    return f"trained-on {sum(seen) / len(seen):.3f} / held-out {sum(held) / len(held):.3f}"
+
+
+def report(out):
+    """OUT/table.md, curves.png (eval r against trajectories) and grids.png (the eval samples of the base model and of
+    every run's final checkpoint) from the finished runs."""
+    order = [name for name, *_ in RUNS]
+    runs = sorted((p for p in out.glob("*") if (p / "wall.json").is_file()),
+                  key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    record, base, prompts = samples(runs[0])
+    shown, per = {"base": base}, len(prompts) // len(set(prompts))
+    lines = [f"Base model ({per} fixed-noise samples of each eval prompt): eval r {record['eval_reward_mean']:.3f} "
+             f"({split(record)}), digit / colour accuracy {'{:.3f} / {:.3f}'.format(*accuracy(base, prompts))}.", "",
+             "| run | flags | eval r at each evaluation | final r, trained-on / held-out | digit / colour acc | "
+             f"diversity 0 → last | loop s | wall s | trajectories to r ≥ {THRESHOLD} |", "|---" * 9 + "|"]
+    curves = {}
+    for run in runs:
+        a, ev = json.loads((run / "args.json").read_text()), dag.read_jsonl(run / "eval.jsonl")
+        _, shown[run.name], _ = samples(run, dag.checkpoints(run)[0])  # the newest: the final epoch's
+        flags = " ".join(a["argv"][a["argv"].index("--algo") + 1 : a["argv"].index("--seed")])
+        reach = next((str(r["epoch"] * a["trajectories"]) for r in ev if r["eval_reward_mean"] >= THRESHOLD), "no")
+        lines.append(f"| {run.name} | `{flags}` | {curve(ev)} | {split(ev[-1])} | "
+                     f"{'{:.3f} / {:.3f}'.format(*accuracy(shown[run.name], prompts))} | {ev[0]['diversity']:.3f} → "
+                     f"{ev[-1]['diversity']:.3f} | {loop_seconds(run):.0f} | "
+                     f"{json.loads((run / 'wall.json').read_text())['wall_s']:.0f} | {reach} |")
+        curves[run.name] = (a["algo"], [(r["epoch"] * a["trajectories"], r["eval_reward_mean"]) for r in ev])
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    figure(out / "curves.png", curves)
+    grids(out / "grids.png", shown, prompts[::per], per)
+    print("\n".join(lines))
+
+
+def figure(path, curves, W=640, H=360):
+    """Eval r against trajectories, one line per run: the colour its algorithm's (digits.COLOUR_OF), the k-th run of
+    an algorithm solid, dashed, thin, thin dashed; the legend on the right."""
+    xs, ys = zip(*(p for _, c in curves.values() for p in c))
+    (y_ticks, decimals), (x_ticks, _) = nice_ticks(min(ys), max(ys)), nice_ticks(min(xs), max(xs))
+    left, right, top, bottom = 50, W - 14, 24, H - 30
+    image = Image.new("RGB", (W + 200, H), "white")
+    draw = ImageDraw.Draw(image)
+
+    def px(x, y):
+        return (left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left),
+                bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top))
+
+    def line(xy, colour, k):  # the k-th run of its algorithm: solid, dashed, thin, thin dashed, ...
+        for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
+            n = max(1, round(math.hypot(x1 - x0, y1 - y0) / 5)) if k % 2 else 1  # dashes of ~5 px
+            at = [(x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * j / n) for j in range(n + 1)]
+            for j in range(0, n, 2 if k % 2 else 1):
+                draw.line((at[j], at[j + 1]), fill=colour, width=2 if k < 2 else 1)
+
+    draw.text((left, 6), "eval r = p_4(named digit), fixed noise", fill="black")
+    draw.rectangle((left, top, right, bottom), outline="gray")
+    for y in y_ticks:
+        draw.line((left, px(0, y)[1], right, px(0, y)[1]), fill=(230, 230, 230))
+        draw.text((4, px(0, y)[1] - 6), f"{y:.{decimals}f}", fill="black")
+    for x in x_ticks:
+        draw.text((px(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
+    draw.text((right - 72, H - 12), "trajectories", fill="gray")
+    seen = {}
+    for i, (name, (algo, c)) in enumerate(curves.items()):
+        k, colour = seen.setdefault(algo, -1) + 1, COLOUR_OF[algo]
+        seen[algo] = k
+        line([px(x, y) for x, y in c], colour, k)
+        line([(W, top + 16 * i + 6), (W + 24, top + 16 * i + 6)], colour, k)
+        draw.text((W + 30, top + 16 * i), name, fill=colour)
+    image.save(path)
+
+
+def grids(path, shown, prompts, per, scale=3):
+    """One row per eval prompt (held-out ones marked), one block of its `per` fixed-noise samples per model."""
+    S = 16 * scale
+    block, label = per * (S + 2) + 12, 130
+    sheet = Image.new("RGB", (label + block * len(shown), 20 + len(prompts) * (S + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, (name, images) in enumerate(shown.items()):
+        draw.text((label + j * block, 4), name, fill="black")
+        for i, image in enumerate(images):
+            array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+            tile = Image.fromarray(array).resize((S, S), Image.NEAREST)
+            sheet.paste(tile, (label + j * block + (i % per) * (S + 2), 20 + (i // per) * (S + 2)))
+    for i, prompt in enumerate(prompts):
+        draw.text((4, 20 + i * (S + 2) + S // 2 - 6), prompt + (" (held out)" if i >= TRAINED_ON else ""), fill="black")
+    sheet.save(path)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["pretrain", "run", "report"])
+    p.add_argument("--out", default="runs/t2i", type=Path, help="run folder (pretrain: the pipeline's folder)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--only", nargs="+", default=(), metavar="NAME", help="run these of RUNS only")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a redirected log as they happen
+    if a.command == "pretrain":
+        pretrain(a.out)
+    else:
+        if a.command == "run":
+            benchmark(a.out, a.only, a.parallel)
+        report(a.out)
