@@ -1,8 +1,8 @@
 """Tests for dag.py: the loss math against references (SPEC Sec. 10), then end-to-end runs on tiny models, the
-guarantees of the harness, the reward loaders, and one learning test on the shipped digits DDPM (benchmark/).
+guarantees of the harness, the reward loaders, and two learning tests on models pretrained here (benchmark/).
 
 Models are built from configs with random weights (the CIFAR-10 DDPM architecture, in a small config of the same
-family, and a tiny Stable Diffusion pipeline), except the learning test's, which is the benchmark's pretrained one.
+family, and a tiny Stable Diffusion pipeline), except the learning tests', which are the benchmark's pretrained ones.
 Run: `HF_HUB_OFFLINE=1 python -m pytest -q test_dag.py`.
 """
 
@@ -1361,7 +1361,7 @@ def test_prompt_sets_and_their_eval_splits(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Learning on a pretrained model: the digits benchmark's DAG-DB run (benchmark/README.md)
+# Learning on pretrained models: a DAG-DB run of each benchmark (benchmark/README.md)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -1384,7 +1384,7 @@ def test_dag_db_raises_prompt_alignment_of_the_shipped_text_to_image_model(tmp_p
     the prompt) on the tiny text-to-image model pretrained here: DAG-DB, 16 epochs of 32 trajectories at
     --timestep-fraction 0.25, raises the fixed-noise eval reward p_4(named digit) of 24 prompts x 4 seeds (12 prompts
     held out of training) by more than the margin chosen from its seeds against the beta = 0 control and the
-    reward-sign mutant of dag.py, which fails this test (benchmark/README.md, "The learning tests")."""
+    reward-sign mutant of dag.py, which fails this test (benchmark/README.md, "The text-to-image learning test")."""
     from benchmark import t2i
 
     name, algo, flags, seed = next(run for run in t2i.RUNS if run[0] == t2i.LEARNING_TEST["run"])
