@@ -343,7 +343,16 @@ RUNS = [  # (name, algo, flags, seed[, a digits.MUTANTS edit of dag.py]): edit f
     ("ddpo-lr3e-2-seed1", "ddpo", "--lr 3e-2 --clip-range 1e-2", 1),
     ("ddpo-clip0.2-seed1", "ddpo", "--lr 1e-2 --clip-range 0.2", 1),
     ("ddpo-f0.25-seed1", "ddpo", "--lr 1e-2 --clip-range 1e-2 --timestep-fraction 0.25", 1),
+    ("ddpo-lr1e-3-seed1", "ddpo", "--lr 1e-3 --clip-range 1e-2", 1),
+    ("ddpo-lr3e-3-seed2", "ddpo", "--lr 3e-3 --clip-range 1e-2", 2),
+    ("alignprop-K5-lr3e-3-seed2", "alignprop", "--lr 3e-3 --truncation 5", 2),
+    ("alignprop-K20-seed2", "alignprop", "--lr 3e-3 --truncation 20", 2),
 ]
+# The figures (curves.png, grids.png; table.md has every run): each algorithm's chosen setting at both seeds (DB and KL
+# from the diagnosis, results/t2i/diagnosis.md; DDPO and AlignProp: the best final r of their tries at seed 1), the
+# beta = 0 control, and AlignProp at lr 1e-2 (its collapse)
+SHOWN = ("db-seed1", "db-seed2", "db-beta0-seed1", "kl-seed1", "kl-seed2", "ddpo-lr3e-3-seed1", "ddpo-lr3e-3-seed2",
+         "alignprop-K20-seed1", "alignprop-K20-seed2", "alignprop-K5-seed1")
 THRESHOLD = 0.9  # "trajectories to reach": the first evaluation whose mean r is at least this (issue 21: DB 0.90-0.91)
 
 
@@ -368,13 +377,13 @@ def split(record):
 
 
 def report(out):
-    """OUT/table.md, curves.png (eval r against trajectories) and grids.png (the eval samples of the base model and of
-    every run's final checkpoint) from the finished runs."""
+    """OUT/table.md (every finished run), curves.png (eval r against trajectories) and grids.png (the eval samples of
+    the base model and of each final checkpoint) of the SHOWN runs."""
     order = [name for name, *_ in RUNS]
     runs = sorted((p for p in out.glob("*") if (p / "wall.json").is_file()),
                   key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     record, base, prompts = samples(runs[0])
-    shown, per = {"base": base}, len(prompts) // len(set(prompts))
+    images, per = {"base": base}, len(prompts) // len(set(prompts))
     lines = [f"Base model ({per} fixed-noise samples of each eval prompt): eval r {record['eval_reward_mean']:.3f} "
              f"({split(record)}), digit / colour accuracy {'{:.3f} / {:.3f}'.format(*accuracy(base, prompts))}.", "",
              "| run | flags | eval r at each evaluation | final r, trained-on / held-out | digit / colour acc | "
@@ -382,17 +391,17 @@ def report(out):
     curves = {}
     for run in runs:
         a, ev = json.loads((run / "args.json").read_text()), dag.read_jsonl(run / "eval.jsonl")
-        _, shown[run.name], _ = samples(run, dag.checkpoints(run)[0])  # the newest: the final epoch's
+        _, images[run.name], _ = samples(run, dag.checkpoints(run)[0])  # the newest: the final epoch's
         flags = " ".join(a["argv"][a["argv"].index("--algo") + 1 : a["argv"].index("--seed")])
         reach = next((str(r["epoch"] * a["trajectories"]) for r in ev if r["eval_reward_mean"] >= THRESHOLD), "no")
         lines.append(f"| {run.name} | `{flags}` | {curve(ev)} | {split(ev[-1])} | "
-                     f"{'{:.3f} / {:.3f}'.format(*accuracy(shown[run.name], prompts))} | {ev[0]['diversity']:.3f} → "
+                     f"{'{:.3f} / {:.3f}'.format(*accuracy(images[run.name], prompts))} | {ev[0]['diversity']:.3f} → "
                      f"{ev[-1]['diversity']:.3f} | {loop_seconds(run):.0f} | "
                      f"{json.loads((run / 'wall.json').read_text())['wall_s']:.0f} | {reach} |")
         curves[run.name] = (a["algo"], [(r["epoch"] * a["trajectories"], r["eval_reward_mean"]) for r in ev])
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    figure(out / "curves.png", curves)
-    grids(out / "grids.png", shown, prompts[::per], per)
+    figure(out / "curves.png", {name: curves[name] for name in SHOWN if name in curves})
+    grids(out / "grids.png", {name: images[name] for name in ("base", *SHOWN) if name in images}, prompts[::per], per)
     print("\n".join(lines))
 
 
