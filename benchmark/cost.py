@@ -1,4 +1,4 @@
-"""Counted cost per trajectory at SD-1.5 shapes, by algorithm and --timestep-fraction (benchmark/README.md, "The timestep fraction").
+"""Counted cost per trajectory at SD-1.5 shapes, by algorithm and --timestep-fraction (benchmark/README.md).
 
     python -m benchmark.cost        # one epoch of each setting on a tiny SD pipeline with 50 DDIM steps
 
