@@ -315,7 +315,7 @@ def accuracy(images, prompts):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The benchmark: issue 21's settings (guidance 1, 20 DDIM steps, 20 epochs of 32 trajectories), one thread per run
+# The benchmark: guidance 1, 20 DDIM steps, 20 epochs of 32 trajectories, one thread per run
 # --------------------------------------------------------------------------------------------------------------------
 
 BUDGET = ("--steps 20 --eta 1 --trajectories 32 --train-batch 8 --grad-accum 1 --epochs 20 --guidance-scale 1 "
@@ -353,7 +353,7 @@ RUNS = [  # (name, algo, flags, seed[, a digits.MUTANTS edit of dag.py]): edit f
 # beta = 0 control, and AlignProp at lr 1e-2 (its collapse)
 SHOWN = ("db-seed1", "db-seed2", "db-beta0-seed1", "kl-seed1", "kl-seed2", "ddpo-lr3e-3-seed1", "ddpo-lr3e-3-seed2",
          "alignprop-K20-seed1", "alignprop-K20-seed2", "alignprop-K5-seed1")
-THRESHOLD = 0.9  # "trajectories to reach": the first evaluation whose mean r is at least this (issue 21: DB 0.90-0.91)
+THRESHOLD = 0.9  # "trajectories to reach": the first evaluation whose mean r is at least this (diagnosis.md's DB: ~0.9)
 
 
 def argv(algo, flags, seed, *extra):
