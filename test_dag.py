@@ -164,11 +164,21 @@ def step_batch(ro, j):
     return ro.transitions(torch.arange(B), torch.full((B,), j))
 
 
-def run_script(argv, nproc=None, **kwargs):
+def run_script(argv, nproc=None, preexec=None, **kwargs):
+    """dag.py in a child process (`preexec` runs in the child before it starts). Its SIGINT is reset to the default,
+    so that Ctrl-C reaches it even when the suite itself was started in the background by a shell (`pytest ... &`),
+    which leaves SIGINT ignored for its children."""
+
+    def child():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec:
+            preexec()
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.Popen([*(launcher if nproc else [sys.executable]), str(HERE / "dag.py"), *argv], env=env,
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=child, **kwargs)
 
 
 def error_lines(err):
@@ -751,7 +761,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_last_checkpoint_stays(ddp
 
     shutil.rmtree(run / "checkpoint-2")
     proc = run_script(cli(ddpm_dir, run, "--epochs", "2", "--save-every", "1", "--resume", "auto"),
-                      preexec_fn=small_files)
+                      preexec=small_files)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and len(error_lines(output)) == 1, output
     assert "cannot write checkpoint-2" in output and "the newest intact checkpoint: " in output, output
