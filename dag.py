@@ -331,7 +331,8 @@ def encode_prompts(m, prompts):
 
 
 def predict_eps(m, x_t, t, text, guidance):
-    """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u); guidance=None: eps_c only.
+    """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u), which is eps_c at w = 1: then
+    the conditional branch alone runs, one UNet row per sample (diffusers' pipelines skip CFG at w <= 1 too).
 
     The same function runs at rollout and in the training forward, so an unchanged theta reproduces the rollout's
     log-probs exactly (the DAG-KL ratio is 1 until the first optimizer step). NOTE: that needs the UNet in eval mode
@@ -339,7 +340,7 @@ def predict_eps(m, x_t, t, text, guidance):
     equal batch shapes (`predict_eps_chunked`)."""
     x = x_t.to(m.dtype)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.dtype == torch.bfloat16):  # LoRA weights stay fp32
-        if not m.conditional or guidance is None:
+        if not m.conditional or guidance == 1:
             text_kwargs = {"encoder_hidden_states": text} if m.conditional else {}
             eps = model_output_to_eps(m.scheduler, m.unet(x, t, **text_kwargs).sample.float(), t, x_t)
             return eps, eps
@@ -563,11 +564,13 @@ def check_args(args):
     counts = ("steps", "epochs", "trajectories", "train_batch", "grad_accum", "save_every", "lora_rank", "truncation")
     problems = [f"--{n} must be >= 1" for n in counts if v[n] < 1]
     problems += [f"--{n} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range") if not 0 < (v[n] or 1) < 1e99]
-    weights = ("reward_exp", "kl_coef", "unetreg", "guidance_scale")
+    weights = ("reward_exp", "kl_coef", "unetreg")
     problems += [f"--{n} must be finite, >= 0" for n in weights if not 0 <= (v[n] or 0) < 1e99]
     problems += [message for bad, message in [
         (args.reward not in rewards.REWARDS and ":" not in args.reward,
          f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function"),
+        (not 1 <= args.guidance_scale < 1e99, "--guidance-scale must be finite, >= 1 (1: the conditional branch "
+         "alone; diffusers' pipe(...) samples any w <= 1 that way, so a LoRA trained at w < 1 would be sampled apart)"),
         (not 0 < args.eta <= 1, "--eta must be in (0, 1]: 0 has no density, > 1 can leave the DDIM mean undefined"),
         (not 0 < args.timestep_fraction <= 1, "--timestep_fraction must be in (0, 1]"),
         (args.trajectories % (args.train_batch * args.grad_accum), f"--trajectories {args.trajectories} is not a "

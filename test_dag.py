@@ -456,6 +456,29 @@ def test_the_rollout_decodes_exactly_the_states_the_trained_transitions_read(sd_
     assert sum(calls) == 4 * 10 and not ro.state_reward.isnan().any()
 
 
+@pytest.mark.parametrize("guidance, rows_per_sample", [(1, 1), (5, 2)])
+def test_at_guidance_one_the_unet_runs_one_row_per_sample(sd_dir, guidance, rows_per_sample):  # issue 28
+    """eps_u + 1 (eps_c - eps_u) = eps_c: at w = 1 the rollout, the training forward and the evaluation run the
+    conditional branch alone (N + K UNet rows per trajectory, N per evaluation sample), half of CFG's at w = 5; the
+    x0 prediction that the forward-looking reward scores is then the policy's own."""
+    args, m = load(sd_dir, "--guidance-scale", str(guidance), "--steps", "5", "--timestep-fraction", "0.4")
+    rows = []
+    m.unet.register_forward_pre_hook(lambda module, a, kw: rows.append(len(kw.get("sample", a[0]))), with_kwargs=True)
+    ro = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(3))
+    assert sum(rows) == 4 * 5 * rows_per_sample
+    order, perm = dag.transition_order(4, 5, 0.4, generator(4))
+    rows.clear()
+    for j in range(perm.shape[1]):
+        dag.policy_logprob(m, ro.transitions(order, perm[order, j]), args)
+    assert sum(rows) == 4 * 2 * rows_per_sample  # K = int(0.4 * 5) = 2 trained transitions per trajectory
+    rows.clear()
+    with torch.no_grad():
+        dag.denoise(m, ["cat", "dog"], torch.randn(2, *m.latent_shape, generator=generator(5)), args)
+    assert sum(rows) == 2 * 5 * rows_per_sample
+    if guidance == 1:
+        assert torch.equal(ro.x0_pred[:, 1], dag.predict_x0(m.scheduler, ro.eps[:, 1], ro.timesteps[1], ro.states[:, 1]))
+
+
 def test_log_flows_shift_the_child_reward_and_pin_the_boundary():  # SPEC 2
     """Both ends of the forward-looking flow: the reward of state j and of state j + 1, and at the last step the
     child is x_0 with log F = beta * r(x_0) and no F_phi term."""
@@ -480,11 +503,12 @@ def test_log_flows_shift_the_child_reward_and_pin_the_boundary():  # SPEC 2
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["ddpm", "sd"])
-def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, request):  # oracles 8, 10
+@pytest.mark.parametrize("which, guidance", [("ddpm", "5"), ("sd", "5"), ("sd", "1")])
+def test_ratio_is_one_and_unetreg_zero_on_the_training_micro_batches(which, guidance, request):  # oracles 8, 10
     """Parameters unchanged since the rollout, micro-batches taken from the rollout in training order (mixed
-    timesteps): the recomputed log-prob and eps equal the stored ones bitwise, with CFG in the training forward."""
-    args, m = load(request.getfixturevalue(f"{which}_dir"))
+    timesteps): the recomputed log-prob and eps equal the stored ones bitwise, with CFG in the training forward (and
+    at w = 1 with the conditional branch alone in both)."""
+    args, m = load(request.getfixturevalue(f"{which}_dir"), "--guidance-scale", guidance)
     ro = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(9))
     assert torch.equal(ro.reward, dark_reward(dag.decode(m, ro.states[:, -1], 16), None))  # state N is the image's x_0
     order, perm = dag.transition_order(4, args.steps, 1.0, generator(18))
@@ -833,6 +857,7 @@ def detached_brightness(device=None):
     (["--reward", "nope"], "unknown reward"),
     (["--reward", "test_dag:nope"], "cannot import the factory"),
     (["--eta", "0"], "--eta must be in (0, 1]"),
+    (["--guidance-scale", "0.5"], "--guidance-scale must be finite, >= 1"),
     (["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1]"),
     (["--prompts", "EMPTY"], "holds no prompt"),
     (["--prompts", "/does/not/exist.txt"], "neither a prompt set"),

@@ -466,11 +466,12 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/t2i", type=Path, help="run folder (pretrain: the pipeline's folder)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--only", nargs="+", default=(), metavar="NAME", help="run these of RUNS only")
+    p.add_argument("--unet-steps", type=int, default=4000, help="pretrain: UNet and text encoder steps")
     a = p.parse_args()
     torch.set_num_threads(1)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a redirected log as they happen
     if a.command == "pretrain":
-        pretrain(a.out)
+        pretrain(a.out, unet_steps=a.unet_steps)
     else:
         if a.command == "run":
             benchmark(a.out, a.only, a.parallel)
