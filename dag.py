@@ -37,11 +37,14 @@ import argparse
 import dataclasses
 import fcntl
 import gc
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -293,7 +296,28 @@ def kl_loss(log_flow, log_pf, log_pb, log_flow_child, log_pf_rollout, clip_range
     return loss_flow, ppo_clip_loss(log_pf, log_pf_rollout, advantages, clip_range)
 
 
-# --- The networks as the DAG path calls them (the harness's `load_models` builds them)
+# --- What the DAG path reads: the run's settings (the harness fills them from the command line) and its networks
+@dataclasses.dataclass
+class Config:
+    """The settings of the DAG path. Defaults: the paper's aesthetic run with the release's config (config/sd.yaml),
+    per process; the command line's flags of the same names (--reward-exp for reward_exp) set them."""
+
+    algo: str = "db"  # "db" (DAG-DB) or "kl" (DAG-KL)
+    steps: int = 50  # N, DDIM steps
+    eta: float = 1.0  # DDIM eta: the step's std is eta times the DDPM posterior's
+    guidance_scale: float = 5.0  # CFG weight w, in the rollout and in the training forward (1: no unconditional pass)
+    trajectories: int = 64  # B, rolled out per epoch (the release: 4 batches of 16)
+    train_batch: int = 8  # trajectories per micro-batch, and rows per UNet call
+    grad_accum: int = 4  # micro-batches per optimizer step
+    epochs: int = 100
+    reward_exp: float = 100.0  # beta, the reward's inverse temperature: log R = beta * r
+    anneal: bool = True  # beta from 0 to reward_exp over the first half of the epochs
+    kl_coef: float | None = None  # DAG-KL: the policy term's weight (release: klpf); None: the final reward_exp
+    clip_range: float = 1e-4  # PPO ratio clip of DAG-KL's policy term
+    unetreg: float = 1.0  # weight of the proximal pull toward the rollout policy's eps
+    timestep_fraction: float = 1.0  # f: train int(f N) of each trajectory's N transitions (at least 1)
+
+
 @dataclasses.dataclass
 class Models:
     """The networks of one run. Trainable: the UNet's LoRA weights and the flow net."""
@@ -370,16 +394,16 @@ def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def policy_step(m, x_t, t, text, args, generator):
+def policy_step(m, x_t, t, text, cfg, generator):
     """One sampling step of the rollout policy (CFG with --guidance-scale) -> (x_child, log_pf, eps, eps_text): log_pf
     and eps exactly as the training forward (CFG too) recomputes them while theta is unchanged."""
-    eps, eps_text = predict_eps_chunked(m, x_t, t, text, args.guidance_scale, args.train_batch)
-    x_child, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, args.eta, generator=generator)
+    eps, eps_text = predict_eps_chunked(m, x_t, t, text, cfg.guidance_scale, cfg.train_batch)
+    x_child, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, cfg.eta, generator=generator)
     return x_child, log_pf, eps, eps_text
 
 
 @torch.no_grad()
-def rollout(m, reward_fn, prompts, args, generator):
+def rollout(m, reward_fn, prompts, cfg, generator):
     """Sample B = len(prompts) trajectories of N DDIM steps -> Rollout. Only the final images are scored here;
     `score_states` scores the states that training will read."""
     B, N = len(prompts), len(m.scheduler.timesteps)
@@ -388,13 +412,13 @@ def rollout(m, reward_fn, prompts, args, generator):
     log_pfs, epss, x0_preds = [], [], []
     for t_scalar in m.scheduler.timesteps:
         x_t, t = states[-1], torch.full((B,), int(t_scalar), device=m.device, dtype=torch.long)
-        x_child, log_pf, eps, eps_text = policy_step(m, x_t, t, text, args, generator)
+        x_child, log_pf, eps, eps_text = policy_step(m, x_t, t, text, cfg, generator)
         states.append(x_child)
         log_pfs.append(log_pf)
         epss.append(eps)
         x0_preds.append(predict_x0(m.scheduler, eps_text, t, x_t))
     state_reward = torch.full((B, N + 1), float("nan"), device=m.device)
-    state_reward[:, N] = reward_fn(decode(m, states[-1], args.train_batch), prompts).float()
+    state_reward[:, N] = reward_fn(decode(m, states[-1], cfg.train_batch), prompts).float()
     timesteps = torch.cat([m.scheduler.timesteps, torch.zeros(1, dtype=torch.long)]).to(m.device)
     log_pf, eps, x0_pred = (torch.stack(v, 1) for v in (log_pfs, epss, x0_preds))
     return Rollout(list(prompts), text, torch.stack(states, 1), timesteps, log_pf, eps, x0_pred, state_reward)
@@ -432,31 +456,41 @@ def states_read(perm, N):
     return read.scatter_(1, perm, True).scatter_(1, perm + 1, True)
 
 
-def policy_logprob(m, batch, args):
+def policy_logprob(m, batch, cfg):
     """The training forward: log p_theta(x_child | x_t) (b,) of the stored transitions under the current LoRA, with
     the eps it used: CFG in the training forward too, as the release's default (cfg=True)."""
-    eps, _ = predict_eps(m, batch.x_t, batch.t, batch.text, args.guidance_scale)
-    _, log_pf = ddim_step_logprob(m.scheduler, eps, batch.t, batch.x_t, args.eta, x_child=batch.x_child)
+    eps, _ = predict_eps(m, batch.x_t, batch.t, batch.text, cfg.guidance_scale)
+    _, log_pf = ddim_step_logprob(m.scheduler, eps, batch.t, batch.x_t, cfg.eta, x_child=batch.x_child)
     return log_pf, eps
 
 
-def dag_loss(m, batch, reward_exp, args):
+def dag_loss(m, batch, reward_exp, cfg):
     """DAG-DB or DAG-KL loss (b,) of a micro-batch at this epoch's reward_exp, and detached stats. NOTE: kl_coef None is
     the final reward_exp: "For DAG-KL, we put the final beta coefficient on the KL gradient term" (the paper)."""
-    log_pf, eps = policy_logprob(m, batch, args)
+    log_pf, eps = policy_logprob(m, batch, cfg)
     log_pb = backward_logprob(m.scheduler, batch.t, batch.x_t, batch.x_child)
     log_flow, log_flow_child = log_flows(m.flow, batch, reward_exp)
-    if args.algo == "db":
+    if cfg.algo == "db":
         loss = db_loss(log_flow, log_pf, log_pb, log_flow_child)
     else:
-        kl_coef = args.reward_exp if args.kl_coef is None else args.kl_coef
-        loss, loss_policy = kl_loss(log_flow, log_pf, log_pb, log_flow_child, batch.log_pf_rollout, args.clip_range)
+        kl_coef = cfg.reward_exp if cfg.kl_coef is None else cfg.kl_coef
+        loss, loss_policy = kl_loss(log_flow, log_pf, log_pb, log_flow_child, batch.log_pf_rollout, cfg.clip_range)
         loss = loss + kl_coef * loss_policy
     # unetreg: the per-step KL(p_theta || p_rollout) without its timestep weight, a proximal pull (0 until theta moves)
     unetreg = ((eps - batch.eps_rollout) ** 2).mean(dim=tuple(range(1, eps.ndim)))
-    loss = loss + args.unetreg * unetreg
+    loss = loss + cfg.unetreg * unetreg
     stats = {"loss": loss, "log_pf": log_pf, "log_flow": log_flow, "unetreg": unetreg}
     return loss, {k: v.detach().mean() for k, v in stats.items()}
+
+
+def average_gradients(params):
+    """Average the gradients over the ranks, once per optimizer step. NOTE: no DDP wrapper (the release's, train_gfn.py:
+    180, 201); a missing gradient counts as zero, so every rank takes part in the same all-reduces."""
+    if dist.is_initialized():
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def optimizer_step(m, optimizer, max_grad_norm=1.0):
@@ -472,39 +506,43 @@ def optimizer_step(m, optimizer, max_grad_norm=1.0):
     return finite
 
 
-def train_epoch(m, ro, order, perm, optimizer, loss_fn, args, rank=0):
+def progress(iterable, desc, show):  # a bar on a terminal (rank 0's), none in a redirected log
+    return tqdm(iterable, desc=desc, leave=False, disable=not show or not sys.stderr.isatty())
+
+
+def train_epoch(m, ro, order, perm, optimizer, loss_fn, cfg, show_progress=False):
     """One pass over a rollout: for each micro-batch of train_batch trajectories (in `order`), for j in 0..K-1,
     backward loss_fn(transition perm[i, j] of each trajectory i).mean() / (grad_accum * K); an optimizer step every
-    grad_accum micro-batches (as the release accumulates, train_gfn.py:264). -> the mean stats over the epoch and all
-    ranks, and steps_taken: one bool per optimizer step (False: skipped, its gradient was not finite)."""
+    grad_accum micro-batches (as the release accumulates, train_gfn.py:264). -> this process's mean stats over the
+    epoch, and steps_taken: one bool per optimizer step (False: skipped, its gradient was not finite)."""
     K = perm.shape[1]
     stats, taken = [], []
-    for k, i in enumerate(progress(range(0, len(order), args.train_batch), "train", rank)):
-        rows = order[i : i + args.train_batch]
+    for k, i in enumerate(progress(range(0, len(order), cfg.train_batch), "train", show_progress)):
+        rows = order[i : i + cfg.train_batch]
         for j in range(K):
             loss, s = loss_fn(ro.transitions(rows, perm[rows, j]))
-            (loss.mean() / (args.grad_accum * K)).backward()
+            (loss.mean() / (cfg.grad_accum * K)).backward()
             stats.append(s)
-        if (k + 1) % args.grad_accum == 0:
+        if (k + 1) % cfg.grad_accum == 0:
             taken.append(optimizer_step(m, optimizer))
-    local = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0, keepdim=True)  # (1, n_stats)
-    return {**dict(zip(stats[0], gather(local).mean(0).tolist())), "steps_taken": taken}
+    means = torch.stack([torch.stack(list(s.values())) for s in stats]).mean(0)  # (n_stats,)
+    return {**dict(zip(stats[0], means.tolist())), "steps_taken": taken}
 
 
-def dag_epoch(m, reward_fn, prompts, optimizer, epoch, args, generators, rank=0):
-    """One DAG epoch: roll out --trajectories trajectories (prompts drawn uniformly), choose the K transitions of each
-    to train, score the states they read, then one pass of training at this epoch's beta. generators: "noise" (on the
-    device: x_T and the sampler's noise) and "cpu" (prompts, training order). -> (rewards r(x_0) (B,), stats).
+def dag_epoch(m, reward_fn, prompts, optimizer, epoch, cfg, generators, show_progress=False):
+    """One DAG epoch: roll out cfg.trajectories trajectories (prompts drawn uniformly), choose the K transitions of
+    each to train, score the states they read, then one pass of training at this epoch's beta. generators: "noise" (on
+    the device: x_T and the sampler's noise) and "cpu" (prompts, training order). -> (rewards r(x_0) (B,), stats).
     NOTE: one rollout of all B (the UNet on train_batch rows at a time); the release samples 4 batches of 16."""
-    reward_exp = reward_exp_at(epoch, args.epochs, args.reward_exp, args.anneal)
+    reward_exp = reward_exp_at(epoch, cfg.epochs, cfg.reward_exp, cfg.anneal)
     t0 = time.time()
-    idx = torch.randint(len(prompts), (args.trajectories,), generator=generators["cpu"])
-    ro = rollout(m, reward_fn, [prompts[i] for i in idx], args, generators["noise"])
-    order, perm = (v.to(m.device) for v in transition_order(args.trajectories, args.steps, args.timestep_fraction,
+    idx = torch.randint(len(prompts), (cfg.trajectories,), generator=generators["cpu"])
+    ro = rollout(m, reward_fn, [prompts[i] for i in idx], cfg, generators["noise"])
+    order, perm = (v.to(m.device) for v in transition_order(cfg.trajectories, cfg.steps, cfg.timestep_fraction,
                                                              generators["cpu"]))
-    score_states(m, reward_fn, ro, states_read(perm, args.steps), args.train_batch)
+    score_states(m, reward_fn, ro, states_read(perm, cfg.steps), cfg.train_batch)
     t1 = time.time()
-    stats = train_epoch(m, ro, order, perm, optimizer, lambda batch: dag_loss(m, batch, reward_exp, args), args, rank)
+    stats = train_epoch(m, ro, order, perm, optimizer, lambda b: dag_loss(m, b, reward_exp, cfg), cfg, show_progress)
     return ro.reward, {**stats, "reward_exp": reward_exp, "rollout_s": t1 - t0, "train_s": time.time() - t1}
 
 
@@ -516,26 +554,26 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/stable-diffusio
 
 
 def parse_args(argv=None):
-    """Defaults: the paper's aesthetic run with the release's hyperparameters (config/sd.yaml), per process."""
-    p = argparse.ArgumentParser(prog="dag.py", description="DAG post-training of a diffusion model against a reward")
+    """Config's settings (its defaults: the paper's aesthetic run) and the harness's own."""
+    c, p = Config, argparse.ArgumentParser(prog="dag.py", description="DAG post-training of a diffusion model")
     p.add_argument("--model", default=SD15, help="hub id or diffusers directory (SD-1.x/2.x, or an unconditional DDPM)")
     p.add_argument("--reward", default="aesthetic", help=f"{', '.join(rewards.REWARDS)}, or module:factory")
     p.add_argument("--prompts", default=None, help="prompt set or text file (default: the reward's task set)")
-    p.add_argument("--algo", choices=["db", "kl", "ddpo", "alignprop"], default="db", help="DAG-DB, DAG-KL, baselines")
-    p.add_argument("--reward-exp", type=float, default=100.0, help="beta, inverse temperature: log R = beta * r")
-    p.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True, help="beta from 0 in half the run")
-    p.add_argument("--kl-coef", type=float, default=None, help="DAG-KL policy weight (release: klpf; default: beta)")
-    p.add_argument("--unetreg", type=float, default=1.0, help="weight of mean((eps - eps_rollout)^2)")
-    p.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip (DAG-KL, DDPO)")
-    p.add_argument("--timestep-fraction", type=float, default=1.0, help="f: train int(f N) steps per trajectory")
+    p.add_argument("--algo", choices=["db", "kl", "ddpo", "alignprop"], default=c.algo, help="DAG-DB, -KL, baselines")
+    p.add_argument("--reward-exp", type=float, default=c.reward_exp, help="beta, inverse temperature: log R = beta r")
+    p.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=c.anneal, help="beta from 0 in half")
+    p.add_argument("--kl-coef", type=float, default=c.kl_coef, help="DAG-KL policy term weight (klpf; default: beta)")
+    p.add_argument("--unetreg", type=float, default=c.unetreg, help="weight of mean((eps - eps_rollout)^2)")
+    p.add_argument("--clip-range", type=float, default=c.clip_range, help="PPO ratio clip (DAG-KL, DDPO)")
+    p.add_argument("--timestep-fraction", type=float, default=c.timestep_fraction, help="f: train int(f N) steps each")
     p.add_argument("--truncation", type=int, default=1, help="AlignProp: K, the last steps backpropagated through")
-    p.add_argument("--steps", type=int, default=50, help="N, DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta in (0, 1]")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG weight w (negative prompt '')")
-    p.add_argument("--trajectories", type=int, default=64, help="per process and epoch (release: 16 x 4 batches)")
-    p.add_argument("--train-batch", type=int, default=8, help="trajectories per micro-batch (and UNet batch)")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--epochs", type=int, default=100, help="rollout + training rounds")
+    p.add_argument("--steps", type=int, default=c.steps, help="N, DDIM steps")
+    p.add_argument("--eta", type=float, default=c.eta, help="DDIM eta in (0, 1]")
+    p.add_argument("--guidance-scale", type=float, default=c.guidance_scale, help="CFG weight w >= 1 (negative: '')")
+    p.add_argument("--trajectories", type=int, default=c.trajectories, help="per process and epoch")
+    p.add_argument("--train-batch", type=int, default=c.train_batch, help="trajectories per micro-batch (UNet batch)")
+    p.add_argument("--grad-accum", type=int, default=c.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=int, default=c.epochs, help="rollout + training rounds")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA weights")
     p.add_argument("--flow-lr", type=float, default=None, help="learning rate of the flow net (default: --lr)")
     p.add_argument("--flow-channels", type=int, nargs="+", default=[64, 128, 256, 256], help="flow widths (release's)")
@@ -563,19 +601,21 @@ def check_args(args):
     v = vars(args)
     counts = ("steps", "epochs", "trajectories", "train_batch", "grad_accum", "save_every", "lora_rank", "truncation")
     problems = [f"--{n} must be >= 1" for n in counts if v[n] < 1]
-    problems += [f"--{n} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range") if not 0 < (v[n] or 1) < 1e99]
-    weights = ("reward_exp", "kl_coef", "unetreg")
-    problems += [f"--{n} must be finite, >= 0" for n in weights if not 0 <= (v[n] or 0) < 1e99]
+    problems += [f"--{n} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range")
+                 if v[n] is not None and not 0 < v[n] < 1e99]
+    problems += [f"--{n} must be finite, >= 0" for n in ("reward_exp", "kl_coef", "unetreg")
+                 if not 0 <= (v[n] or 0) < 1e99]
     problems += [message for bad, message in [
         (args.reward not in rewards.REWARDS and ":" not in args.reward,
          f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function"),
         (not 1 <= args.guidance_scale < 1e99, "--guidance-scale must be finite, >= 1 (1: the conditional branch "
          "alone; diffusers' pipe(...) samples any w <= 1 that way, so a LoRA trained at w < 1 would be sampled apart)"),
         (not 0 < args.eta <= 1, "--eta must be in (0, 1]: 0 has no density, > 1 can leave the DDIM mean undefined"),
-        (not 0 < args.timestep_fraction <= 1, "--timestep_fraction must be in (0, 1]"),
-        (args.trajectories % (args.train_batch * args.grad_accum), f"--trajectories {args.trajectories} is not a "
-         f"multiple of --train-batch {args.train_batch} x --grad-accum {args.grad_accum}"),
-        (args.eval_every < 0 or args.eval_samples < 2, "--eval-every must be >= 0 and --eval-samples >= 2"),
+        (not 0 < args.timestep_fraction <= 1, "--timestep-fraction must be in (0, 1]"),
+        (not problems and args.trajectories % (args.train_batch * args.grad_accum), f"--trajectories "
+         f"{args.trajectories} is not a multiple of --train-batch {args.train_batch} x --grad-accum {args.grad_accum}"),
+        (args.eval_every < 0 or args.eval_every and args.eval_samples < 2, "--eval-every must be >= 0 and, with "
+         "evaluations, --eval-samples >= 2 (diversity compares a prompt's samples)"),
         (args.algo == "kl" and args.train_batch < 2, "--algo kl needs --train-batch >= 2 (leave-one-out baseline)"),
         (args.algo in ("db", "kl") and args.anneal and args.epochs < 2,
          "--epochs 1 with annealing trains at beta = 0 only, without the reward: use --epochs >= 2 or --no-anneal"),
@@ -583,14 +623,15 @@ def check_args(args):
          f"--algo alignprop needs a differentiable reward: {', '.join(sorted(rewards.DIFFERENTIABLE))} or your own"),
         (args.algo == "alignprop" and args.timestep_fraction != 1, "--timestep-fraction is for db, kl and ddpo"),
         (args.truncation > args.steps, "--truncation must be <= --steps"),
-        (any(c < 32 or c % 32 for c in args.flow_channels), "--flow-channels must be multiples of 32"),
+        (len(args.flow_channels) < 2 or any(c < 32 or c % 32 for c in args.flow_channels), "--flow-channels needs at "
+         "least 2 widths (every block but the last cross-attends to the prompt), each a multiple of 32"),
     ] if bad]
     if problems:
         die(problems[0].replace("_", "-") if problems[0].startswith("--") else problems[0])
 
 
-def progress(iterable, desc, rank):  # a bar on rank 0, none in a redirected log
-    return tqdm(iterable, desc=desc, leave=False, disable=rank != 0 or not sys.stderr.isatty())
+def dag_config(args):
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
 # --- Distributed helpers (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is rank 0 of 1)
@@ -603,16 +644,6 @@ def setup_distributed():
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-
-
-def average_gradients(params):
-    """Average the gradients over the ranks, once per optimizer step. NOTE: no DDP wrapper (the release's, train_gfn.py:
-    180, 201); a missing gradient counts as zero, so every rank takes part in the same all-reduces."""
-    if dist.is_initialized():
-        for p in params:
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
 
 
 def gather(x):
@@ -644,8 +675,11 @@ def pipeline_index(model, steps):
 
 
 def load_models(args, device, index):
-    """-> Models: the pipeline's networks, LoRA on the UNet, a flow net for DAG. Frozen weights are bf16 on CUDA (the
-    paper's precision), fp32 on CPU; the LoRA and flow weights fp32."""
+    """-> Models: the pipeline's networks, LoRA on the UNet, a flow net for DAG. NOTE: on CUDA the frozen weights are
+    bf16 and the UNet runs under bf16 autocast; the LoRA and flow weights, the flow's forward and the stored states
+    are fp32, and no GradScaler is used. The release (mixed_precision bf16) runs the UNet in bf16 without autocast
+    (train_gfn.py:169-177), the flow under bf16 autocast (:199, :525), stores bf16 latents and scales the loss with a
+    GradScaler (:130-132). On the CPU everything is fp32."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
     try:
@@ -672,24 +706,37 @@ def load_models(args, device, index):
     return m
 
 
+def sha1(chunks):
+    h = hashlib.sha1()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def frozen_weights_sha1(m):
+    """A fingerprint of the base weights (every 1024th value of each frozen tensor), stored with the run's settings so
+    that a resume onto weights replaced under the same --model is refused."""
+    nets = [net for net in (m.unet, m.vae, m.text_encoder) if net is not None]
+    frozen = [p for net in nets for p in net.parameters() if not p.requires_grad]
+    return sha1(p.detach().flatten()[::1024].float().cpu().numpy().tobytes() for p in frozen)
+
+
 def checked(reward_fn, name):
     """The reward with every output checked where it enters: a finite float tensor of shape (B,) on the images'
     device, else one line naming the reward, what it returned and the fix (a NaN would otherwise reach the weights)."""
 
     def fn(images, prompts):
         s, B = reward_fn(images, prompts), len(images)
-        if torch.is_tensor(s) and s.shape == (B,) and s.is_floating_point() and s.device == images.device:
-            if bool(torch.isfinite(s).all()):
-                return s
-        got = f"{s.dtype} tensor of shape {tuple(s.shape)} on {s.device} with {int((~torch.isfinite(s)).sum())} " \
-              "non-finite score(s)" if torch.is_tensor(s) else type(s).__name__
+        here = torch.is_tensor(s) and s.device == images.device
+        if here and s.shape == (B,) and s.is_floating_point() and bool(torch.isfinite(s).all()):
+            return s
+        got = type(s).__name__ if not torch.is_tensor(s) else f"{s.dtype} tensor of shape {tuple(s.shape)} on " \
+            f"{s.device}" + (f" with {int((~torch.isfinite(s)).sum())} non-finite score(s)" if here else "")
         die(f"reward {name!r} returned a {got} for {B} images: return one finite float score per image, a tensor of "
             f"shape ({B},) on the images' device")
 
     fn.embed = getattr(reward_fn, "embed", None)
     return fn
-
-
 # --- Evaluation: fixed noise, reward, diversity, image grids
 def denoise(m, prompts, x, args, noise=None, generator=None, grad_steps=0):
     """x_T -> x_0 with the policy alone (nothing stored), for evaluation and AlignProp. Step j's noise is noise[:, j]
@@ -742,25 +789,34 @@ def evaluate(m, reward_fn, prompts, args, rank, world):
 
 
 def save_grid(path, images, prompts, scores, cols=4, size=192):
-    """PNG grid of (B, 3, H, W) images in [0, 1] with the prompt and reward under each."""
+    """PNG grid of (B, 3, H, W) images in [0, 1] with the prompt and reward under each, written aside and renamed."""
     grid = Image.new("RGB", (cols * size, math.ceil(len(images) / cols) * (size + 28)), "white")
     draw = ImageDraw.Draw(grid)
     for i, (array, prompt, score) in enumerate(zip(rewards.to_uint8(images), prompts, scores)):
         x, y = (i % cols) * size, (i // cols) * (size + 28)
         grid.paste(Image.fromarray(array).resize((size, size), Image.NEAREST), (x, y))
         draw.text((x + 4, y + size + 2), f"{prompt[:28]}\nr = {float(score):.3f}", fill="black")
-    grid.save(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial PNG
 
 
 # --- Checkpoints: a kill at any moment loses at most the epoch it interrupts (each epoch's checkpoint is written aside
 # --- and renamed into place; log readers skip a line cut short), and a resume refuses another run's checkpoint
 
-FREE_SETTINGS = ("out", "resume", "epochs", "save_every", "eval_every", "eval_prompts", "eval_samples")  # the rest: run
+BETA_STD = (10, 1000)  # the range of reward_exp * std(r) of the base model's rewards where DAG learned in our runs
+FREE_SETTINGS = ("out", "resume", "epochs", "save_every", "eval_every", "eval_prompts", "eval_samples",
+                 "grad_checkpointing")  # these do not change the numbers; every other setting is the run's
 
 
 def checkpoints(out):
-    """OUT's complete checkpoint-EPOCH directories, newest first (one being written has another name)."""
-    return sorted(out.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    """OUT's complete checkpoint-EPOCH directories, newest first (one being written has another name; a user's
+    checkpoint-2-copy is not one)."""
+    found = [(int(p.name[11:]), p) for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def read_jsonl(path):
@@ -774,14 +830,16 @@ def read_jsonl(path):
     return records
 
 
-def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, rank, args):
+def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, rank, drop=None):
     """Rank 0 writes OUT/checkpoint-EPOCH aside and renames it into place, so a kill leaves all of it or none: the LoRA
     in diffusers' format (pipe.load_lora_weights(dir) reads it), the training state, every rank's RNG streams and the
-    run's settings. The older ones go, but every --save-every-th. A failed write or unequal weights: one line."""
-    params = m.lora_params + m.flow_params
+    run's settings; then deletes checkpoint-`drop`, the previous one this process wrote, unless it is kept. Ranks whose
+    weights are not bitwise equal, non-finite weights, or a failed write: one line."""
+    params = [p.detach().cpu() for p in m.lora_params + m.flow_params]
     rng = gather({name: g.get_state() for name, g in generators.items()})
-    digests = gather(sum((p.detach().double() * (i + 1)).sum().item() for i, p in enumerate(params)))
-    error = None if len(set(digests)) == 1 and math.isfinite(digests[0]) else f"weights non-finite or unequal {digests}"
+    digests = gather(sha1(p.numpy().tobytes() for p in params))
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
+    error = None if len(set(digests)) == 1 and finite else f"the ranks' weights differ ({digests}) or are not finite"
     if rank == 0 and error is None:
         tmp, final = out / f".tmp-checkpoint-{epoch}", out / f"checkpoint-{epoch}"
         try:
@@ -797,9 +855,8 @@ def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, ran
             shutil.rmtree(tmp, ignore_errors=True)
             free = shutil.disk_usage(out).free / 2**20
             error = f"cannot write {final.name} ({' '.join(str(e).split())[:160]}; {free:.1f} MB free there)"
-        for old in checkpoints(out)[1:] if error is None else []:
-            if int(old.name.split("-")[1]) % args.save_every:
-                shutil.rmtree(old, ignore_errors=True)
+        if error is None and drop is not None:
+            shutil.rmtree(out / f"checkpoint-{drop}", ignore_errors=True)
     error = gather(error)[0]
     if error:
         die(f"{error}; the newest intact checkpoint: {next(iter(checkpoints(out)), None)}", status=1, rank=rank)
@@ -819,6 +876,8 @@ def resume(args, out, m, optimizer, generators, history, settings, rank):
     diff = [f"{k} {v!r} -> {settings.get(k)!r}" for k, v in state["settings"].items() if settings.get(k) != v]
     if diff:
         die(f"--resume: {path} is a checkpoint of another run ({'; '.join(diff)}): resume it with its own settings")
+    if state["epoch"] > args.epochs:
+        die(f"--resume: {path.name} is at epoch {state['epoch']}, past --epochs {args.epochs}")
     set_peft_model_state_dict(m.unet, state["lora"])
     if m.flow is not None:
         m.flow.load_state_dict(state["flow"])
@@ -829,6 +888,21 @@ def resume(args, out, m, optimizer, generators, history, settings, rank):
     return state["epoch"]
 
 
+def set_aside_later(out, start):
+    """A resume from epoch `start` while later checkpoints exist (an earlier resume's branch): move them and the log
+    records of epochs >= start into OUT/abandoned-TIME/, so that --resume auto never returns to that branch and
+    nothing is deleted. Records of the interrupted epoch itself, redone identically, are dropped."""
+    later = [p for p in checkpoints(out) if int(p.name[11:]) > start]
+    aside = out / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    for name in ("log.jsonl", "eval.jsonl"):
+        records = read_jsonl(out / name)
+        if later:
+            aside.mkdir(exist_ok=True)
+            (aside / name).write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] >= start))
+        (out / f".{name}").write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] < start))
+        os.replace(out / f".{name}", out / name)
+    for p in later:
+        os.replace(p, aside / p.name)
 # --- Baselines on the same sampler, rewards and loop, with dag_epoch's return shape: DDPO and AlignProp (--algo)
 def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size=32):
     """DDPO's advantages (Black et al. 2023, arXiv 2305.13301; its aesthetic config's buffer): rewards standardised by
@@ -860,7 +934,7 @@ def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank
                                                              generators["cpu"]))
     t1 = time.time()
     mine = advantages.view(world, -1)[rank]  # this rank's trajectories
-    stats = train_epoch(m, ro, order, perm, optimizer, lambda b: ddpo_loss(m, b, mine[b.rows], args), args, rank)
+    stats = train_epoch(m, ro, order, perm, optimizer, lambda b: ddpo_loss(m, b, mine[b.rows], args), args, rank == 0)
     return ro.reward, {**stats, "rollout_s": t1 - t0, "train_s": time.time() - t1}
 
 
@@ -868,7 +942,7 @@ def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
     """One AlignProp epoch (Prabhudesai et al. 2023, arXiv 2310.03739) in DAG's batches: -r(decode(x_0)) backpropagated
     through the decode and the last K = --truncation steps (the first N - K run without grad)."""
     t0, scores, taken = time.time(), [], []
-    for k in progress(range(args.trajectories // args.train_batch), "alignprop", rank):
+    for k in progress(range(args.trajectories // args.train_batch), "alignprop", rank == 0):
         texts = [prompts[i] for i in torch.randint(len(prompts), (args.train_batch,), generator=generators["cpu"])]
         x_T = torch.randn((args.train_batch, *m.latent_shape), generator=generators["noise"], device=m.device)
         x = denoise(m, texts, x_T, args, generator=generators["noise"], grad_steps=args.truncation)
@@ -879,11 +953,19 @@ def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
         if (k + 1) % args.grad_accum == 0:
             taken.append(optimizer_step(m, optimizer))
         scores.append(reward.detach())
-    loss = -gather(torch.cat(scores)).mean().item()
-    return torch.cat(scores), {"loss": loss, "steps_taken": taken, "rollout_s": 0.0, "train_s": time.time() - t0}
+    scores = torch.cat(scores)
+    return scores, {"loss": -scores.mean().item(), "steps_taken": taken, "rollout_s": 0.0, "train_s": time.time() - t0}
 
 
-# --- main
+# --- main: one line for every way a run ends early
+def on_signal(signum, frame):
+    """SIGTERM (a scheduler's pre-emption) and SIGINT (Ctrl-C) end the run at the next bytecode, the same way; the
+    signals that follow (torchrun forwards them to every worker) are ignored while it ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -897,17 +979,31 @@ def main(argv=None):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this process ends
         except OSError as e:
             die(f"{out} is in use by another run" if lock else f"--out {out} is not writable ({e.strerror or e})")
-        for stale in out.glob(".tmp-checkpoint-*"):  # a write that a kill interrupted
-            shutil.rmtree(stale)
+        for stale in out.glob(".tmp-*"):  # a write that a kill interrupted
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rank, world, device = setup_distributed()
     try:
         train(args, out, rank, world, device)
-    except (Exception, KeyboardInterrupt) as e:  # which rank, and why, above the traceback
-        tqdm.write(f"dag.py: rank {rank} stopped: {e.__class__.__name__} {' '.join(str(e).split())[:300]}; the newest "
-                   "checkpoint is intact: continue with --resume auto", file=sys.stderr)
+    except KeyboardInterrupt as e:
         traceback.clear_frames(e.__traceback__)  # the traceback would keep the models alive through the teardown
-        raise
+        name, newest = str(e) or "SIGINT", next(iter(checkpoints(out)), None)
+        kept = f"{newest.name} is intact: continue with --resume auto" if newest else "no checkpoint was written yet"
+        die(f"stopped by {name}; {kept}", status=128 + signal.Signals[name], rank=rank)
+    except Exception as e:  # a failure: one line per failing rank, its traceback in a file
+        detail, frame = out / f"traceback-rank{rank}.txt", traceback.extract_tb(e.__traceback__)[-1]
+        try:
+            detail.write_text(traceback.format_exc())
+        except OSError:
+            detail = "not saved"
+        traceback.clear_frames(e.__traceback__)
+        if not isinstance(e, dist.DistError):  # a rank that only lost a peer stays silent: the peer says why
+            tqdm.write(f"dag.py: error: rank {rank} failed: {e.__class__.__name__}: {' '.join(str(e).split())[:300]} "
+                       f"({Path(frame.filename).name}:{frame.lineno}; traceback: {detail})", file=sys.stderr)
+        raise SystemExit(1)
     finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         gc.collect()  # NOTE: freeing the models before the teardown avoids an intermittent gloo abort at exit
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -923,6 +1019,8 @@ def train(args, out, rank, world, device):
     cpu = torch.Generator().manual_seed(args.seed + rank)
     generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank), "cpu": cpu}
     index = pipeline_index(args.model, args.steps)
+    if "text_encoder" not in index and (args.prompts or args.eval_prompts):
+        die(f"--prompts and --eval-prompts are for a text-to-image model; {args.model} is unconditional")
     try:  # prompts and reward before the weights load, so that a mistake in either fails fast
         prompts, eval_prompts = [""], [""]
         if "text_encoder" in index:
@@ -934,19 +1032,17 @@ def train(args, out, rank, world, device):
     # NOTE: the flow's own lr (--flow-lr); the release's config has flow_learning_rate but uses learning_rate for both
     groups = [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow_params, "lr": args.flow_lr or args.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)  # the release's AdamW
-    settings = {**{k: v for k, v in vars(args).items() if k not in FREE_SETTINGS}, "world_size": world}
+    settings = {**{k: v for k, v in vars(args).items() if k not in FREE_SETTINGS}, "world_size": world,
+                "weights_sha1": frozen_weights_sha1(m), "prompts_sha1": sha1(p.encode() + b"\n" for p in prompts)}
     history = {}  # DDPO's rewards per prompt id
-    start = resume(args, out, m, optimizer, generators, history, settings, rank)
+    start, cfg = resume(args, out, m, optimizer, generators, history, settings, rank), dag_config(args)
     if rank == 0:
         lora, flow = (sum(p.numel() for p in ps) for ps in (m.lora_params, m.flow_params))
         print(f"{args.algo} on {args.model}: LoRA {lora:,} + flow {flow:,} params; {world} process(es) x "
               f"{args.trajectories} trajectories per epoch; epoch {start} of {args.epochs}", flush=True)
         if start == 0:
             (out / "args.json").write_text(json.dumps({**settings, "argv": sys.argv}, indent=1))
-        for name in ("log.jsonl", "eval.jsonl"):  # a resume redoes the epochs from `start` on: their records go
-            kept = [json.dumps(r) + "\n" for r in read_jsonl(out / name) if r["epoch"] < start]
-            (out / f".{name}").write_text("".join(kept))
-            os.replace(out / f".{name}", out / name)
+        set_aside_later(out, start)
 
     def log(name, record):
         print(" | ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, (int, float))), flush=True)
@@ -969,21 +1065,31 @@ def train(args, out, rank, world, device):
         elif args.algo == "alignprop":
             scores, stats = alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank)
         else:
-            scores, stats = dag_epoch(m, reward_fn, prompts, optimizer, epoch, args, generators, rank)
+            scores, stats = dag_epoch(m, reward_fn, prompts, optimizer, epoch, cfg, generators, rank == 0)
         scores, taken = gather(scores), stats.pop("steps_taken")
         for ok in taken:
             skipped = 0 if ok else skipped + 1
             if skipped == 3:
                 die(f"3 optimizer steps in a row had a non-finite gradient (epoch {epoch}); they were skipped, so the "
                     "weights and the checkpoints are finite", status=1, rank=rank)
+        mean = [k for k in stats if not k.endswith("_s") and k != "reward_exp"]  # averaged over the ranks
+        stats.update(zip(mean, gather(torch.tensor([[stats[k] for k in mean]], dtype=torch.float64)).mean(0).tolist()))
         record = {"epoch": epoch, "reward_mean": scores.mean().item(), "reward_std": scores.std().item(), **stats,
                   "skipped_steps": taken.count(False), "traj_per_s": len(scores) / (time.time() - t0)}
+        if args.algo in ("db", "kl"):
+            record["beta_reward_std"] = stats["reward_exp"] * record["reward_std"]
+            spread = args.reward_exp * record["reward_std"]  # at the final beta
+            if rank == 0 and epoch == start and not BETA_STD[0] <= spread <= BETA_STD[1]:
+                tqdm.write(f"dag.py: warning: --reward-exp {args.reward_exp:g} x std(r) {record['reward_std']:.3g} = "
+                           f"{spread:.3g}, outside {BETA_STD[0]}-{BETA_STD[1]}, where DAG learned in our runs: see the "
+                           "README, choosing beta", file=sys.stderr)
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         if rank == 0:
             log("log.jsonl", record)
-        save_checkpoint(out, epoch + 1, m, optimizer, generators, history, settings, rank, args)  # every epoch
+        drop = epoch if epoch > start and epoch % args.save_every else None  # the previous one this process wrote
+        save_checkpoint(out, epoch + 1, m, optimizer, generators, history, settings, rank, drop)  # every epoch
 
 
 if __name__ == "__main__":
