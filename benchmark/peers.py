@@ -46,14 +46,16 @@ Changes to the release (RELEASE_CHANGES), each with why:
      channels / 8, in_channels 4; the release's width (64, 128, 256, 256) is kept (5,793,537 parameters here).
   6. alignment/diffusers_patch/pipeline_with_logprob.py: at guidance_scale <= 1 the sampler keeps the conditional half
      of the text states. diffusers' deprecated _encode_prompt, which it calls, concatenates [negative, prompt] states
-     whatever do_classifier_free_guidance says, while the latents are not doubled: the UNet call fails ("size of
-     tensor a (8) must match ... (16)"). With the change the sampler runs the conditional branch alone at w = 1.
-Not edited, done by the launcher at run time: train_gfn.py reads config/sd.yaml and writes ./output relative to the
-working directory, so it runs in OUT with OUT/config/sd.yaml = the release's own config with the keys of the table
-below overridden (each must exist there); the prompt function and the reward are added to alignment.prompts /
-alignment.rewards; the phases are timed by wrapping train_gfn.tqdm (its progress bars "Epoch e: sampling" and
-"Epoch e.0: training" bracket them; checkpoint writes fall outside both). The release's training forward still runs
-both CFG branches at w = 1 (cfg: True, its default): the same eps as the conditional branch, twice the UNet rows.
+     whatever do_classifier_free_guidance says, while the latents are not doubled: the UNet call fails ("The size
+     of tensor a (32) must match the size of tensor b (64)"). With it the sampler runs the conditional branch alone.
+Not edited, done by the launcher at run time (train_gfn.main() under `python -m torch.distributed.run --standalone
+--nproc_per_node 1`, i.e. torchrun, in the release's venv): train_gfn.py reads config/sd.yaml and writes ./output
+relative to the working directory, so it runs in OUT with OUT/config/sd.yaml = the release's own config with the keys
+of the table below overridden (each must exist there); the prompt function and the reward are added to
+alignment.prompts / alignment.rewards; the phases are timed by wrapping train_gfn.tqdm (its progress bars "Epoch e:
+sampling" and "Epoch e.0: training" bracket them; checkpoint writes fall outside both). The release's training forward
+still runs both CFG branches at w = 1 (cfg: True, its default): the same eps as the conditional branch, twice the UNet
+rows.
 
 Changes to TRL (at run time, in the DDPO worker):
   a. StableDiffusionPipeline._encode_prompt keeps the conditional half at w <= 1: TRL's pipeline_step fails at w = 1
@@ -61,8 +63,9 @@ Changes to TRL (at run time, in the DDPO worker):
   b. --lora-rank other than 4: TRL hard-codes LoraConfig(r=4, lora_alpha=4) (DefaultDDPOStableDiffusionPipeline.
      get_trainable_layers); the launcher substitutes r and lora_alpha (the default 4 needs nothing).
   c. save_freq 10**9 (TRL's own state saving off): TRL saves accelerate's whole state only `if epoch != 0 and epoch %
-     save_freq == 0`, never the LoRA after the first epoch; the launcher saves the LoRA after every epoch with TRL's
-     own save_checkpoint into OUT/checkpoint-E, outside the timed phases.
+     save_freq == 0` (never the LoRA after the first epoch), and with DDPOConfig's default project_kwargs {} that
+     save_state() raises TypeError (no output folder) at the end of the second epoch; the launcher saves the LoRA
+     after every epoch with TRL's own save_checkpoint into OUT/checkpoint-E, outside the timed phases.
   d. Timing: DDPOTrainer.step (sampling from its start) and _train_batched_samples (training) are wrapped.
   e. accelerate's PartialState() made before the pipeline: DefaultDDPOStableDiffusionPipeline warns that the model
      folder has no LoRA file through accelerate's logger, which raises RuntimeError before any accelerate state
@@ -93,7 +96,9 @@ The settings, dag.py flag -> release config key (config/sd.yaml) -> TRL DDPOConf
                        the release and dag.py), adv clip 5, one inner epoch, CFG negative prompt ""
 Not matched: the random streams (each draws its own prompts and noise); the release recomputes the x0_pred rewards in
 training with the current theta (dag.py once at rollout); both peers train in train mode (no dropout here: no effect)
-and run both CFG branches in the training forward at w = 1 (--no-train-cfg: the conditional branch alone, as dag.py).
+and run both CFG branches in the training forward at w = 1 (--no-train-cfg: the conditional branch alone, as dag.py;
+the release's cfg=False branch adds a (B, C, H, W) unetreg to (B,) losses, which broadcasts right only when the train
+batch B equals the latent width W, as it does here at 8; --no-train-cfg refuses other B with --unetreg).
 """
 
 import argparse
@@ -473,8 +478,7 @@ def release_worker(release, out):
 
 
 def ddpo_worker(out):
-    """In TRL's venv, in OUT: DDPOTrainer on the pipeline, with changes a-d of the docstring."""
-    import torch
+    """In TRL's venv, in OUT: DDPOTrainer on the pipeline, with changes a-e of the docstring."""
     import trl.models.modeling_sd_base as sd_base
     from accelerate import PartialState
     from diffusers import StableDiffusionPipeline
@@ -523,7 +527,6 @@ def ddpo_worker(out):
         return global_step
 
     trainer.step, trainer._train_batched_samples = timed_step, timed_train
-    torch.manual_seed(settings["seed"])
     trainer.train()
 
 
@@ -614,7 +617,8 @@ def score(run, every=None, name=None, check=True):
             state, _ = diffusers_lora_to_peft(checkpoint / "pytorch_lora_weights.safetensors")
             if set(state) != lora_keys:
                 die(f"{checkpoint}: LoRA keys differ from the UNet's ({len(set(state) ^ lora_keys)} apart)")
-            torch.save({"epoch": epoch, "lora": state}, checkpoint / "training_state.pt")
+            if not (checkpoint / "training_state.pt").exists():  # a peer's; never a dag.py run's full state
+                torch.save({"epoch": epoch, "lora": state}, checkpoint / "training_state.pt")
         result = dag.set_peft_model_state_dict(m.unet, state)
         if getattr(result, "unexpected_keys", None):
             die(f"epoch {epoch}: unexpected LoRA keys {result.unexpected_keys[:3]}")
@@ -665,13 +669,14 @@ def parity(release, out, trajectories=64, steps=20):
         subprocess.run([sys.executable, str(ROOT / "dag.py"), "--model", str(MODEL), "--reward", REWARD, "--prompts",
                         str(PROMPTS / "train.txt"), "--eval-prompts", str(PROMPTS / "eval.txt"), "--guidance-scale",
                         "1", "--train-batch", "8", "--grad-accum", "1", "--eval-every", "0", "--reward-exp", "300",
-                        "--lr", "3e-3", "--unetreg", "100", "--seed", "1", *flags, "--out", str(runs["dag.py db"])],
+                        "--no-anneal", "--lr", "3e-3", "--unetreg", "100", "--seed", "1", *flags, "--out",
+                        str(runs["dag.py db"])],
                        cwd=ROOT, env=env, check=True)
     for key, peer in (("release db", "release"), ("trl ddpo", "ddpo")):
         if not (runs[key] / "wall.json").exists():
             shutil.rmtree(runs[key], ignore_errors=True)
             main([peer, "--out", str(runs[key]), "--seed", "1", *flags] +
-                 (["--release", str(release)] if peer == "release" else []))
+                 (["--release", str(release), "--no-anneal"] if peer == "release" else []))
     print(f"rollout reward at theta_0, {trajectories} trajectories, {steps} DDIM steps, guidance 1 (mean +- s.e.):")
     for key, run in runs.items():
         r = read_jsonl(run / "log.jsonl")[0]
