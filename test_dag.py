@@ -129,9 +129,10 @@ def sd_dir(tmp_path_factory):
 
 
 def cli(model, out, *extra):
-    """A tiny run's argv: 4 steps, 4 trajectories, a small flow, the JPEG reward on the inline animal prompts."""
-    return ["--model", str(model), "--out", str(out), "--reward", "jpeg_compressibility", "--prompts", "simple_animals",
-            "--steps", "4", "--trajectories", "4", "--train-batch", "2", "--grad-accum", "1", "--eval-every", "0",
+    """A tiny run's argv: 4 steps, 4 trajectories, a small flow, the JPEG reward (on the animal prompts for SD)."""
+    prompts = ["--prompts", "simple_animals"] if (Path(model) / "text_encoder").is_dir() else []
+    return ["--model", str(model), "--out", str(out), "--reward", "jpeg_compressibility", *prompts, "--steps", "4",
+            "--trajectories", "4", "--train-batch", "2", "--grad-accum", "1", "--eval-every", "0",
             "--flow-channels", "32", "64", *extra]
 
 
@@ -182,7 +183,7 @@ def run_script(argv, nproc=None, preexec=None, **kwargs):
 
 
 def error_lines(err):
-    return [line for line in err.splitlines() if line.startswith("dag.py:")]
+    return [line for line in err.splitlines() if line.startswith("dag.py: error")]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -190,15 +191,16 @@ def error_lines(err):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5])
 @pytest.mark.parametrize("make", [sd_scheduler, cifar_scheduler])
-def test_ddim_step_matches_diffusers_at_every_timestep(make):  # oracle 1
+def test_ddim_step_matches_diffusers_at_every_timestep(make, eta):  # oracle 1, also at eta < 1 (the std's factor)
     s = make()
     g = generator(1)
     x_t, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
     for k, t in enumerate(s.timesteps):
         z = torch.randn(x_t.shape, generator=generator(100 + k))
-        ref = s.step(eps, t, x_t, eta=1.0, variance_noise=z).prev_sample
-        ours, _ = dag.ddim_step_logprob(s, eps, torch.full((2,), int(t)), x_t, eta=1.0, generator=generator(100 + k))
+        ref = s.step(eps, t, x_t, eta=eta, variance_noise=z).prev_sample
+        ours, _ = dag.ddim_step_logprob(s, eps, torch.full((2,), int(t)), x_t, eta=eta, generator=generator(100 + k))
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
@@ -414,7 +416,7 @@ def test_train_epoch_visits_the_chosen_transitions_once_with_aligned_fields(frac
         assert torch.equal(batch.text.flatten(), i.float())
         for row, step in zip(i.tolist(), j.tolist()):
             visits[row].append(step)
-        return weight.expand(len(i)) + 1.0, {"loss": torch.zeros(())}
+        return 0.5 * weight.expand(len(i)) + 1.0, {"loss": torch.zeros(())}
 
     args = argparse.Namespace(train_batch=2, grad_accum=3)
     order, perm = dag.transition_order(B, N, fraction, generator(8))
@@ -427,8 +429,8 @@ def test_train_epoch_visits_the_chosen_transitions_once_with_aligned_fields(frac
     assert sorted(visits) == list(range(B))
     assert all(len(v) == K and len(set(v)) == K and set(v) <= set(range(N)) for v in visits.values())
     assert len({tuple(v) for v in visits.values()}) > 1, "every trajectory got the same steps or order"
-    # one optimizer step over 3 micro-batches x K passes of mean(1) / (3 K): the gradient of the weight is exactly 1
-    assert weight.item() == pytest.approx(-1.0, abs=1e-6)
+    # one optimizer step over 3 micro-batches x K passes of mean(0.5) / (3 K): the gradient is 0.5, below the clip of 1
+    assert weight.item() == pytest.approx(-0.5, abs=1e-6)
 
 
 def test_the_rollout_decodes_exactly_the_states_the_trained_transitions_read(sd_dir):  # issue 19
@@ -477,6 +479,19 @@ def test_at_guidance_one_the_unet_runs_one_row_per_sample(sd_dir, guidance, rows
     assert sum(rows) == 2 * 5 * rows_per_sample
     if guidance == 1:
         assert torch.equal(ro.x0_pred[:, 1], dag.predict_x0(m.scheduler, ro.eps[:, 1], ro.timesteps[1], ro.states[:, 1]))
+
+
+def test_the_scored_x0_prediction_is_the_text_branchs_not_the_guided_one(sd_dir):  # SPEC 2
+    """At guidance 5 the rollout steps with the guided eps but stores x0_pred from the conditional branch alone (the
+    forward-looking reward scores what the text branch predicts, as the release does)."""
+    args, m = load(sd_dir, "--guidance-scale", "5")
+    ro = dag.rollout(m, dark_reward, ["cat", "dog", "a fox", "bee"], args, generator(6))
+    for j in (0, 2):
+        x_t, t = ro.states[:, j], ro.timesteps[j].expand(4)
+        with torch.no_grad():
+            eps_text, _ = dag.predict_eps(m, x_t, t, ro.text, 1)
+        torch.testing.assert_close(ro.x0_pred[:, j], dag.predict_x0(m.scheduler, eps_text, t, x_t), atol=1e-5, rtol=0)
+        assert (ro.x0_pred[:, j] - dag.predict_x0(m.scheduler, ro.eps[:, j], t, x_t)).abs().max() > 1e-3
 
 
 def test_log_flows_shift_the_child_reward_and_pin_the_boundary():  # SPEC 2
@@ -608,6 +623,38 @@ def test_policy_step_favours_transitions_toward_higher_reward(algo, ddpm_dir):  
     assert (gain * change).sum() > 0, (gain, change)  # first order: lr * reward_exp * gain^T J D J^T gain >= 0
 
 
+def test_optimizer_step_clips_each_group_to_norm_one(ddpm_dir):
+    """A large gradient is clipped to norm 1 in the LoRA group and in the flow group separately (SGD with lr 1 makes
+    the step the clipped gradient); a small one passes unchanged."""
+    _, m = load(ddpm_dir)
+    for scale, expected in ((100.0, 1.0), (1e-3, None)):
+        before = [[p.detach().clone() for p in group] for group in (m.lora_params, m.flow_params)]
+        for group in (m.lora_params, m.flow_params):
+            for i, p in enumerate(group):
+                p.grad = torch.full_like(p, scale / math.sqrt(sum(q.numel() for q in group)) * (-1) ** i)
+        small = math.sqrt(sum(float((p.grad**2).sum()) for p in m.lora_params))
+        assert dag.optimizer_step(m, torch.optim.SGD(m.lora_params + m.flow_params, lr=1.0))
+        for group, old in zip((m.lora_params, m.flow_params), before):
+            step = math.sqrt(sum(float(((p.detach() - q) ** 2).sum()) for p, q in zip(group, old)))
+            assert step == pytest.approx(expected or small, rel=1e-4)
+
+
+def average_on_two_ranks(rank, init_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+        params[0].grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # rank 1: twice rank 0's; params[1]: no grad
+        dag.average_gradients(params)
+        assert torch.equal(params[0].grad, torch.tensor([1.5, 3.0, 4.5])) and torch.equal(params[1].grad, torch.zeros(2))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gradients_are_averaged_over_the_ranks_not_summed(tmp_path):
+    """Two gloo processes: the all-reduced gradient is the mean of the ranks' gradients; a missing one counts as 0."""
+    torch.multiprocessing.spawn(average_on_two_ranks, args=(str(tmp_path / "init"),), nprocs=2)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # End to end: a run's outputs, the full-size CIFAR architecture, torchrun, the LoRA export
 # --------------------------------------------------------------------------------------------------------------------
@@ -658,7 +705,10 @@ def test_torchrun_two_processes_stay_in_sync_and_say_which_rank_failed(sd_dir, t
 
     proc = run_script(cli(sd_dir, tmp_path / "fails", "--epochs", "2", "--reward", "test_dag:raises_on_rank_1"), nproc=2)
     output, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0 and "dag.py: rank 1 stopped: RuntimeError the reward server is down" in output, output
+    assert proc.returncode != 0 and error_lines(output)[0].startswith(
+        "dag.py: error: rank 1 failed: RuntimeError: the reward server is down (test_dag.py:"), output
+    assert "Connection closed by peer" not in output and len(error_lines(output)) <= 2, output  # rank 0: at most
+    # "stopped by SIGTERM" (torchrun's), never the lost connection; torchrun then prints its own summary
 
 
 def raises_on_rank_1(device=None):
@@ -711,8 +761,13 @@ def test_a_kill_loses_at_most_the_epoch_it_interrupts(sd_dir, tmp_path):
         time.sleep(0.2)  # into the next epoch
         proc.send_signal(how)
         output, _ = proc.communicate(timeout=60)
-        assert proc.returncode != 0, output
         newest = int(dag.checkpoints(run)[0].name.split("-")[1])
+        if how == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL, output
+        else:  # one line, no traceback, exit 128 + the signal's number
+            assert proc.returncode == 128 + how and "Traceback" not in output, output
+            assert error_lines(output) == [f"dag.py: error: stopped by {how.name}; checkpoint-{newest} is intact: "
+                                           "continue with --resume auto"], output
         (run / f".tmp-checkpoint-{newest + 1}").mkdir()
         (run / f".tmp-checkpoint-{newest + 1}" / "training_state.pt").write_bytes(b"half")
         with open(run / "log.jsonl", "a") as f:
@@ -730,6 +785,32 @@ def test_a_kill_loses_at_most_the_epoch_it_interrupts(sd_dir, tmp_path):
     assert [r["epoch"] for r in evals] == [r["epoch"] for r in expected] == [0, 2, 4, 5]
     assert [r["eval_reward_mean"] for r in evals] == pytest.approx([r["eval_reward_mean"] for r in expected], rel=1e-6)
     assert not list(run.glob(".tmp-*"))
+
+
+KILL_IN_THE_WRITE = """
+import os, signal, sys, torch
+import dag
+save = torch.save
+def killed_midway(obj, path, *args, **kwargs):  # the LoRA file is written; the training state is cut short
+    if isinstance(obj, dict) and obj.get("epoch") == 2:
+        open(path, "wb").write(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(obj, path, *args, **kwargs)
+torch.save = killed_midway
+dag.main(sys.argv[1:])
+"""
+
+
+def test_a_kill_inside_the_checkpoint_write_leaves_the_previous_one(ddpm_dir, tmp_path):
+    """kill -9 in the middle of writing checkpoint-2: no checkpoint-2 appears (it is written aside and renamed), the
+    newest checkpoint is the complete checkpoint-1, and --resume auto continues from it."""
+    argv = cli(ddpm_dir, tmp_path, "--epochs", "3", "--save-every", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_THE_WRITE, *argv], env=env, cwd=HERE, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in dag.checkpoints(tmp_path)] == ["checkpoint-1"]
+    dag.main([*argv, "--resume", "auto"])
+    assert [r["epoch"] for r in dag.read_jsonl(tmp_path / "log.jsonl")] == [0, 1, 2]
 
 
 def test_a_resume_refuses_another_run_and_may_extend_the_epochs(ddpm_dir, tmp_path, capsys):
@@ -755,6 +836,104 @@ def test_a_resume_refuses_another_run_and_may_extend_the_epochs(ddpm_dir, tmp_pa
     log = dag.read_jsonl(run / "log.jsonl")
     assert [r["epoch"] for r in log] == [0, 1, 2, 3] and [r["reward_exp"] for r in log] == [0, 100, 100, 100]
     assert [r["loss"] for r in log[:2]] == [r["loss"] for r in first]
+
+
+COUNTDOWN = {"calls": None}  # countdown_brightness raises once this many calls have been made
+
+
+def countdown_brightness(device=None):
+    def fn(images, prompts):
+        if COUNTDOWN["calls"] is not None:
+            COUNTDOWN["calls"] -= 1
+            if COUNTDOWN["calls"] < 0:
+                raise RuntimeError("the reward server is down")
+        return images.mean(dim=(1, 2, 3))
+
+    return fn
+
+
+def test_a_resume_keeps_what_the_run_kept_and_never_returns_to_an_abandoned_branch(ddpm_dir, tmp_path, capsys):
+    """A resume with --save-every back at its default deletes none of the kept checkpoints 1-3 (the rotation deletes
+    only the checkpoint this process wrote before, if not kept), and a user's copies are neither deleted nor read as
+    epochs. A resume from checkpoint-1 sets the later checkpoints and their records aside (OUT/abandoned-*), so that
+    after a crash --resume auto continues this branch, not the abandoned one."""
+    import shutil
+
+    run, COUNTDOWN["calls"] = tmp_path / "run", None
+    argv = cli(ddpm_dir, run, "--reward", "test_dag:countdown_brightness", "--eval-samples", "1")  # 1: no evaluations
+    dag.main([*argv, "--epochs", "3", "--save-every", "1"])
+    for name in ("checkpoint-2-copy1", "checkpoint-2.bak1"):
+        shutil.copytree(run / "checkpoint-2", run / name)
+    dag.main([*argv, "--epochs", "5", "--resume", "auto"])
+    assert [p.name for p in dag.checkpoints(run)] == [f"checkpoint-{e}" for e in (5, 3, 2, 1)]  # 4: rotated
+    assert (run / "checkpoint-2-copy1").is_dir() and (run / "checkpoint-2.bak1").is_dir()
+    COUNTDOWN["calls"] = 9  # one epoch of rewards (the final images, 4 states x 2 chunks), then a crash in the next
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main([*argv, "--epochs", "6", "--resume", str(run / "checkpoint-1")])
+    err = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 1 and len(err) == 1 and "RuntimeError: the reward server is down" in err[0], err
+    assert "--resume" not in err[0] and (run / "traceback-rank0.txt").is_file()  # no resume fixes a failing reward
+    COUNTDOWN["calls"] = None
+    (aside,) = run.glob("abandoned-*")
+    assert sorted(p.name for p in aside.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-5"]
+    assert [r["epoch"] for r in dag.read_jsonl(aside / "log.jsonl")] == [1, 2, 3, 4]
+    dag.main([*argv, "--epochs", "6", "--resume", "auto"])
+    assert "epoch 2 of 6" in capsys.readouterr().out
+    assert [r["epoch"] for r in dag.read_jsonl(run / "log.jsonl")] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_resume_refuses_replaced_weights_or_edited_prompts_but_not_grad_checkpointing(sd_dir, tmp_path, capsys):
+    """The settings stored in a checkpoint identify the base weights (a fingerprint of their values) and the prompts
+    (their text), not only the paths; a setting that does not change the numbers does not block a resume."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    model, prompts, run = tmp_path / "model", tmp_path / "prompts.txt", tmp_path / "run"
+    shutil.copytree(sd_dir, model)
+    prompts.write_text("cat\ndog\n")
+    argv = cli(model, run, "--prompts", str(prompts), "--no-anneal")
+    dag.main([*argv, "--epochs", "1"])
+
+    def refused(listed, *extra):
+        with pytest.raises(SystemExit) as exit_info:
+            dag.main([*argv, "--epochs", "2", "--resume", "auto", *extra])
+        err = error_lines(capsys.readouterr().err)
+        assert exit_info.value.code == 2 and len(err) == 1 and listed in err[0], err
+
+    prompts.write_text("cat\nfox\n")  # edited between stop and resume
+    refused("another run (prompts_sha1")
+    prompts.write_text("cat\ndog\n")
+    shutil.copytree(model / "unet", tmp_path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(model / "unet")  # retrained, in place
+    refused("another run (weights_sha1")
+    shutil.rmtree(model / "unet")
+    shutil.copytree(tmp_path / "unet", model / "unet")
+    dag.main([*argv, "--epochs", "2", "--resume", "auto", "--grad-checkpointing"])
+    assert [r["epoch"] for r in dag.read_jsonl(run / "log.jsonl")] == [0, 1]
+    with pytest.raises(SystemExit) as exit_info:
+        dag.main([*argv, "--epochs", "1", "--resume", "auto"])
+    err = error_lines(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and err == ["dag.py: error: --resume: checkpoint-2 is at epoch 2, past --epochs 1"]
+
+
+def test_a_full_disk_during_evaluation_is_one_line_and_leaves_no_partial_image(ddpm_dir, tmp_path):
+    """A file-size limit (a full disk, as the grid's PNG meets it): one line, exit 1, no PNG of 0 bytes or in part."""
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, resource.RLIM_INFINITY))
+
+    proc = run_script(cli(ddpm_dir, tmp_path, "--epochs", "2", "--eval-every", "1", "--eval-samples", "2"),
+                      preexec=small_files)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and len(error_lines(output)) == 1 and "Traceback" not in output, output
+    assert "File too large" in error_lines(output)[0], output
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_a_run_directory_in_use_is_refused(ddpm_dir, tmp_path, capsys):
@@ -846,6 +1025,10 @@ def reward_nan(device=None):  # one image's score is NaN
     return lambda images, prompts: images.mean(dim=(1, 2, 3)).index_fill(0, torch.tensor([0]), float("nan"))
 
 
+def reward_on_meta(device=None):  # scores on another device than the images'
+    return lambda images, prompts: torch.zeros(len(images), device="meta")
+
+
 def detached_brightness(device=None):
     return lambda images, prompts: images.mean(dim=(1, 2, 3)).detach()
 
@@ -865,7 +1048,15 @@ def detached_brightness(device=None):
     (["--lora-rank", "0"], "--lora-rank must be >= 1"),
     (["--lr", "nan"], "--lr must be finite, > 0"),
     (["--reward-exp", "-1"], "--reward-exp must be finite, >= 0"),
-    (["--flow-channels", "48"], "--flow-channels must be multiples of 32"),
+    (["--flow-channels", "48", "64"], "each a multiple of 32"),
+    (["--flow-channels", "32"], "--flow-channels needs at least 2 widths"),
+    (["--lr", "0"], "--lr must be finite, > 0"),
+    (["--flow-lr", "0"], "--flow-lr must be finite, > 0"),
+    (["--clip-range", "0"], "--clip-range must be finite, > 0"),
+    (["--train-batch", "0"], "--train-batch must be >= 1"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--eval-prompts", "simple_animals"], "are for a text-to-image model"),
+    (["--reward", "test_dag:reward_on_meta"], "returned a torch.float32 tensor of shape (4,) on meta for 4 images"),
     (["--algo", "alignprop"], "--algo alignprop needs a differentiable reward"),
     (["--algo", "alignprop", "--reward", "test_dag:detached_brightness"], "returned no gradient"),
     (["--out", "AFILE"], "is a file, or holds a run"),
