@@ -17,12 +17,15 @@ For a transition x_t -> x_child of a stored rollout, with beta = reward_exp (the
                   + kl_coef * a PPO-clipped REINFORCE term with advantage -residual (trains theta)      (--algo kl)
     both        : + unetreg * mean((eps_theta - eps_rollout)^2), a proximal pull toward the rollout policy
 
-What DAG samples. With p_B = q fixed and F(x_0) = R(x_0), a zero residual on every transition makes the sampler draw
-x_0 with probability proportional to R(x_0), times a broad envelope from q(x_T | x_0): the base model's density does
-not appear (p_base * exp(beta r) is the target of KL-regularised RL, not of DAG). The log-probs here are means over the
-D = C*H*W dimensions of a state, so R(x_0) = exp(D * beta * r(x_0)), D = 16384 for SD latents: essentially the
-reward's maximisers. What keeps the samples near the base model is the LoRA starting at the base, the unetreg pull and
-a short run (200 optimizer steps in the release's configuration), not the fixed point.
+What DAG samples. A zero residual on every transition telescopes (p_B = q fixed, F(x_0) = R(x_0)) to F(x_T)
+p_theta(x_{0:T-1} | x_T) = R(x_0) q(x_{1:T} | x_0), so with x_T ~ p(x_T) = N(0, I) the sampler draws x_0 with
+probability R(x_0) w(x_0), w(x_0) = E_{x_T ~ q(x_T | x_0)}[p(x_T) / F(x_T)], F(x_T) = integral of R(x_0') q(x_T | x_0')
+dx_0': an envelope made of the noising kernel, the prior of x_T and the flow, in which the base model's density does not
+appear (p_base * exp(beta r) is the target of KL-regularised RL, not of DAG). The log-probs here are means over the D =
+C*H*W dimensions of a state, so R(x_0) = exp(D * beta * r(x_0)), D = 16384 for SD latents: essentially the reward's
+maximisers. What keeps the samples near the base model in practice is the LoRA starting at the base and a short run of
+small steps (200 optimizer steps in the release's configuration, each gradient clipped to norm 1, unetreg pulling toward
+the last rollout's policy, which itself moves; DAG-KL's PPO clip), not the fixed point.
 
 Usage:
     torchrun --nproc_per_node=8 dag.py --reward aesthetic       # the paper's aesthetic run: SD-1.5, 100 epochs
@@ -244,7 +247,8 @@ def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
 
 
 def log_flows(flow, batch, reward_exp):
-    """Forward-looking log-flows of both ends of each transition -> (log F(x_t), log F(x_child)), each (b,):
+    """Forward-looking log-flows of both ends of each transition -> (log_flow, log_flow_child), each (b,), both
+    including the beta * r term:
 
         log F(x)    = F_phi(x, t, c) + reward_exp * r(decode(x0_pred(x)))       (the r term carries no gradient)
         log F(x_0)  = reward_exp * r(x_0)       the last step's child is the image: F_phi is not used there
@@ -287,6 +291,7 @@ def ppo_clip_loss(log_pf, log_pf_rollout, advantages, clip_range):
 
 def kl_loss(log_flow, log_pf, log_pb, log_flow_child, log_pf_rollout, clip_range=1e-4, adv_clip_max=5.0):
     """DAG-KL, the release's form of the paper's KL gradient (train_gfn.py:552-577) -> (loss_flow, loss_policy), (b,).
+    No KL divergence is computed: these are the two losses whose gradients DAG-KL follows.
 
     loss_flow trains phi only: the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped
     REINFORCE step with advantage a = -residual. Per sample grad_theta residual^2 / 2 = residual * grad_theta log
@@ -299,8 +304,9 @@ def kl_loss(log_flow, log_pf, log_pb, log_flow_child, log_pf_rollout, clip_range
 # --- What the DAG path reads: the run's settings (the harness fills them from the command line) and its networks
 @dataclasses.dataclass
 class Config:
-    """The settings of the DAG path. Defaults: the paper's aesthetic run with the release's config (config/sd.yaml),
-    per process; the command line's flags of the same names (--reward-exp for reward_exp) set them."""
+    """The settings of the DAG path; dag.py's flags of the same names set them. Defaults, per process: the paper's
+    training details (50 DDIM steps, CFG 5, beta 100 annealed over the first half of 100 epochs) and, where it is
+    silent, the release's config/sd.yaml."""
 
     algo: str = "db"  # "db" (DAG-DB) or "kl" (DAG-KL)
     steps: int = 50  # N, DDIM steps
@@ -312,9 +318,9 @@ class Config:
     epochs: int = 100
     reward_exp: float = 100.0  # beta, the reward's inverse temperature: log R = beta * r
     anneal: bool = True  # beta from 0 to reward_exp over the first half of the epochs
-    kl_coef: float | None = None  # DAG-KL: the policy term's weight (release: klpf); None: the final reward_exp
+    kl_coef: float | None = None  # DAG-KL policy term's weight, not a KL's (release: klpf); None: final reward_exp
     clip_range: float = 1e-4  # PPO ratio clip of DAG-KL's policy term
-    unetreg: float = 1.0  # weight of the proximal pull toward the rollout policy's eps
+    unetreg: float = 1.0  # weight of the pull toward the last rollout's eps (the rollout policy, not the base model)
     timestep_fraction: float = 1.0  # f: train int(f N) of each trajectory's N transitions (at least 1)
 
 
@@ -355,13 +361,14 @@ def encode_prompts(m, prompts):
 
 
 def predict_eps(m, x_t, t, text, guidance):
-    """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u), which is eps_c at w = 1: then
-    the conditional branch alone runs, one UNet row per sample (diffusers' pipelines skip CFG at w <= 1 too).
+    """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u). NOTE: at w = 1 that is eps_c and
+    the conditional branch runs alone, one UNet row per sample, as in diffusers' pipelines; the release's training
+    forward runs both branches at any w (train_gfn.py:490-500).
 
-    The same function runs at rollout and in the training forward, so an unchanged theta reproduces the rollout's
-    log-probs exactly (the DAG-KL ratio is 1 until the first optimizer step). NOTE: that needs the UNet in eval mode
-    in both (it has no dropout or batch-norm to switch on; the release trains in train mode, train_gfn.py:462) and
-    equal batch shapes (`predict_eps_chunked`)."""
+    The same function runs at rollout and in the training forward, on batches of equal shape (`predict_eps_chunked`),
+    so an unchanged theta reproduces the rollout's log-probs bitwise (the DAG-KL ratio is exactly 1, unetreg exactly
+    0, until the first optimizer step). The UNet stays in eval mode; SD's has no dropout or batch-norm, so the
+    release's train mode (train_gfn.py:462) computes the same."""
     x = x_t.to(m.dtype)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.dtype == torch.bfloat16):  # LoRA weights stay fp32
         if not m.conditional or guidance == 1:
@@ -385,8 +392,8 @@ def decode(m, x0, chunk):
 
 # --- Rollout: sample trajectories with the current policy; score the states training will read
 def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
-    """predict_eps on `chunk` rows at a time. NOTE: the rollout calls the UNet with train_batch rows, as the training
-    forward does: kernels depend on the batch size, and equal shapes make an unchanged theta reproduce eps bitwise."""
+    """predict_eps on `chunk` rows at a time: the rollout calls the UNet with train_batch rows, as the training forward
+    does. Kernels depend on the batch size, and equal shapes make an unchanged theta reproduce eps bitwise."""
     parts = []
     for i in range(0, len(x_t), chunk):
         text_rows = None if text is None else text[i : i + chunk]
@@ -431,7 +438,8 @@ def score_states(m, reward_fn, ro, scored, chunk):
 
     NOTE: computed once per state, with the rollout's theta, from the text-branch eps of the CFG forward. The release
     recomputes it in the training loop, twice per transition (train_gfn.py:530-543), with the current theta: the
-    values agree until the epoch's first optimizer step and are one step stale after it here."""
+    values agree until the epoch's first optimizer step; after it they are stale here by up to
+    trajectories / (train_batch * grad_accum) - 1 optimizer steps (1 in the release's configuration)."""
     for j in range(ro.x0_pred.shape[1]):
         marked = scored[:, j].nonzero().squeeze(1)
         for rows in (marked[i : i + chunk] for i in range(0, len(marked), chunk)):
@@ -442,9 +450,10 @@ def score_states(m, reward_fn, ro, scored, chunk):
 # --- Training: which transitions, the loss of a micro-batch, the optimizer step, one pass over a rollout, the epoch
 def transition_order(B, N, fraction, generator):
     """The release's training order (train_gfn.py:423-440): shuffle the trajectories, permute the N transitions of
-    EACH trajectory independently, and train the first K = int(N * fraction) of each permutation, at least 1 (the
-    release's timestep_fraction, train_gfn.py:263). -> (order (B,): the trajectory of each row, perm (B, K): perm[i, j],
-    the step trained at pass j of trajectory i). A micro-batch of rows then mixes timesteps."""
+    EACH trajectory independently, and train the first K = int(N * fraction) of each permutation (the release's
+    timestep_fraction, train_gfn.py:263). -> (order (B,): the trajectory of each row, perm (B, K) long: perm[i, j], the
+    step trained at pass j of trajectory i). A micro-batch of rows then mixes timesteps. NOTE: K is at least 1; where
+    int(N * fraction) is 0 the release trains nothing."""
     order = torch.randperm(B, generator=generator)
     perm = torch.argsort(torch.rand(B, N, generator=generator), dim=1)
     return order, perm[:, : max(1, int(N * fraction))]
@@ -997,7 +1006,7 @@ def main(argv=None):
         except OSError:
             detail = "not saved"
         traceback.clear_frames(e.__traceback__)
-        if not isinstance(e, dist.DistError):  # a rank that only lost a peer stays silent: the peer says why
+        if not isinstance(e, dist.DistError) and "by peer" not in str(e):  # gloo: "Connection closed by peer"
             tqdm.write(f"dag.py: error: rank {rank} failed: {e.__class__.__name__}: {' '.join(str(e).split())[:300]} "
                        f"({Path(frame.filename).name}:{frame.lineno}; traceback: {detail})", file=sys.stderr)
         raise SystemExit(1)

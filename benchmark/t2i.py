@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -39,7 +40,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark.digits import COLOUR_NAMES, COLOUR_OF, COLOURS, MODELS, colour_of, colourise, loop_seconds  # noqa: E402
 from benchmark.digits import curve, digit_classifier, digit_intensities, digit_logits, nice_ticks  # noqa: E402
-from benchmark.digits import run_jobs, snapshot, with_flag  # noqa: E402
+from benchmark.digits import mean_std, run_jobs, snapshot, with_flag  # noqa: E402
 import dag  # noqa: E402
 
 MODEL = MODELS / "digits-t2i"
@@ -321,39 +322,29 @@ def accuracy(images, prompts):
 BUDGET = ("--steps 20 --eta 1 --trajectories 32 --train-batch 8 --grad-accum 1 --epochs 20 --guidance-scale 1 "
           "--eval-every 5 --eval-samples 4 --save-every 20").split() + [
     "--prompts", str(PROMPTS / "train.txt"), "--eval-prompts", str(PROMPTS / "eval.txt")]
-DB = "--reward-exp 300 --lr 3e-3 --unetreg 100"
-KL = "--lr 1e-2 --flow-lr 1e-3 --reward-exp 100 --kl-coef 100 --clip-range 1e-2 --unetreg 100"
-# The learning test (test_dag.py) in CI: DB at a quarter of the transitions and 16 epochs, to fit the suite's budget;
-# its candidates run first, with the beta = 0 control and the reward-sign mutant (digits.MUTANTS) it must fail on
-TEST = DB + " --timestep-fraction 0.25 --epochs 16 --eval-every 16 --save-every 16"
-# The margin lies between the gains of test-seed1/2 and those of beta 0 and the sign mutant (benchmark/README.md)
-LEARNING_TEST = {"run": "test-seed1", "margin": 0.02}
-RUNS = [  # (name, algo, flags, seed[, a digits.MUTANTS edit of dag.py]): edit freely; `run` skips the finished ones
-    ("test-seed1", "db", TEST, 1), ("test-seed2", "db", TEST, 2),
-    ("test-beta0-seed1", "db", with_flag(TEST, "--reward-exp", 0), 1), ("test-sign-seed1", "db", TEST, 1, "sign"),
-    ("db-seed1", "db", DB, 1), ("db-seed2", "db", DB, 2), ("db-beta0-seed1", "db", with_flag(DB, "--reward-exp", 0), 1),
-    ("kl-seed1", "kl", KL, 1), ("kl-seed2", "kl", KL, 2),
-    ("alignprop-K5-seed1", "alignprop", "--lr 1e-2 --truncation 5", 1),
-    ("alignprop-K20-seed1", "alignprop", "--lr 3e-3 --truncation 20", 1),
-    ("ddpo-lr1e-2-seed1", "ddpo", "--lr 1e-2 --clip-range 1e-2", 1),
-    ("ddpo-lr3e-3-seed1", "ddpo", "--lr 3e-3 --clip-range 1e-2", 1),
-    ("alignprop-K5-lr3e-3-seed1", "alignprop", "--lr 3e-3 --truncation 5", 1),
-    ("alignprop-K1-seed1", "alignprop", "--lr 1e-2 --truncation 1", 1),
-    ("alignprop-K20-lr1e-3-seed1", "alignprop", "--lr 1e-3 --truncation 20", 1),
-    ("ddpo-lr3e-2-seed1", "ddpo", "--lr 3e-2 --clip-range 1e-2", 1),
-    ("ddpo-clip0.2-seed1", "ddpo", "--lr 1e-2 --clip-range 0.2", 1),
-    ("ddpo-f0.25-seed1", "ddpo", "--lr 1e-2 --clip-range 1e-2 --timestep-fraction 0.25", 1),
-    ("ddpo-lr1e-3-seed1", "ddpo", "--lr 1e-3 --clip-range 1e-2", 1),
-    ("ddpo-lr3e-3-seed2", "ddpo", "--lr 3e-3 --clip-range 1e-2", 2),
-    ("alignprop-K5-lr3e-3-seed2", "alignprop", "--lr 3e-3 --truncation 5", 2),
-    ("alignprop-K20-seed2", "alignprop", "--lr 3e-3 --truncation 20", 2),
-]
-# The figures (curves.png, grids.png; table.md has every run): each algorithm's chosen setting at both seeds (DB and KL
-# from the diagnosis, results/t2i/diagnosis.md; DDPO and AlignProp: the best final r of their tries at seed 1), the
-# beta = 0 control, and AlignProp at lr 1e-2 (its collapse)
-SHOWN = ("db-seed1", "db-seed2", "db-beta0-seed1", "kl-seed1", "kl-seed2", "ddpo-lr3e-3-seed1", "ddpo-lr3e-3-seed2",
-         "alignprop-K20-seed1", "alignprop-K20-seed2", "alignprop-K5-seed1")
-THRESHOLD = 0.9  # "trajectories to reach": the first evaluation whose mean r is at least this (diagnosis.md's DB: ~0.9)
+TRIES = {  # the tuning, at seed 0, over each algorithm's key knobs; the try with the best final eval r is kept
+    "db": ["--reward-exp 100 --lr 3e-3 --unetreg 100", "--reward-exp 300 --lr 3e-3 --unetreg 100",
+           "--reward-exp 1000 --lr 3e-3 --unetreg 100", "--reward-exp 300 --lr 3e-3 --flow-lr 1e-3 --unetreg 100",
+           "--reward-exp 300 --lr 1e-2 --flow-lr 1e-3 --unetreg 100",
+           "--reward-exp 1000 --lr 1e-2 --flow-lr 1e-3 --unetreg 100"],
+    "kl": ["--reward-exp 100 --lr 1e-2 --flow-lr 1e-3 --clip-range 1e-2 --unetreg 100",
+           "--reward-exp 300 --lr 1e-2 --flow-lr 1e-3 --clip-range 1e-2 --unetreg 100",
+           "--reward-exp 1000 --lr 1e-2 --flow-lr 1e-3 --clip-range 1e-2 --unetreg 100",
+           "--reward-exp 300 --lr 1e-2 --flow-lr 3e-3 --clip-range 1e-2 --unetreg 100",
+           "--reward-exp 300 --lr 3e-3 --flow-lr 1e-3 --clip-range 1e-2 --unetreg 100",
+           "--reward-exp 300 --lr 3e-3 --clip-range 1e-2 --unetreg 100"],
+    "ddpo": ["--lr 1e-3 --clip-range 1e-2", "--lr 3e-3 --clip-range 1e-2", "--lr 1e-2 --clip-range 1e-2",
+             "--lr 3e-2 --clip-range 1e-2", "--lr 3e-3 --clip-range 0.2", "--lr 1e-2 --clip-range 0.2"],
+    "alignprop": ["--lr 1e-3 --truncation 20", "--lr 3e-3 --truncation 20", "--lr 3e-3 --truncation 5",
+                  "--lr 1e-2 --truncation 5", "--lr 1e-2 --truncation 1", "--lr 3e-2 --truncation 1"],
+}
+SEEDS = (1, 2, 3)  # fresh seeds for each chosen setting (the tuning ran at seed 0)
+CHOSEN = {}  # {algo: flags}, read back from the finished tuning (choose)
+# The learning test (test_dag.py) in CI: the chosen DB setting at a quarter of the transitions and fewer epochs, to fit
+# the suite; its candidates run with the beta = 0 control and the reward-sign mutant (digits.MUTANTS) it must fail on
+TEST_EPOCHS, TEST_FRACTION = 12, 0.25
+LEARNING_TEST = {"flags": None, "seed": 1, "margin": None}  # = CHOSEN["db"]; margin from the test stage's runs
+THRESHOLD = 0.9  # "trajectories to": the first evaluation whose digit accuracy is at least this
 
 
 def argv(algo, flags, seed, *extra):
@@ -361,85 +352,172 @@ def argv(algo, flags, seed, *extra):
             "--seed", str(seed), *extra]
 
 
-def benchmark(out, only=(), parallel=2):
-    """The RUNS (those named in `only`, if any), each `python dag.py` on one thread from a snapshot in OUT/code."""
-    if set(only) - {name for name, *_ in RUNS}:
-        raise SystemExit(f"--only: not in RUNS: {' '.join(sorted(set(only) - {name for name, *_ in RUNS}))}")
+def test_argv(flags, seed):
+    """The learning test's run: `flags` (the chosen DB setting) at TEST_FRACTION for TEST_EPOCHS epochs."""
+    flags = with_flag(with_flag(flags, "--timestep-fraction", TEST_FRACTION), "--epochs", TEST_EPOCHS)
+    return argv("db", flags, seed, "--eval-every", str(TEST_EPOCHS), "--save-every", str(TEST_EPOCHS))
+
+
+def choose(out):
+    """CHOSEN from the finished tuning: per algorithm, the try with the best final eval r at seed 0."""
+    for algo, tries in TRIES.items():
+        done = [k for k in range(len(tries)) if (out / "tune" / f"{algo}-{k}" / "wall.json").is_file()]
+        if len(done) == len(tries):
+            best = max(done, key=lambda k: dag.read_jsonl(out / "tune" / f"{algo}-{k}" / "eval.jsonl")[-1]
+                       ["eval_reward_mean"])
+            CHOSEN[algo] = tries[best]
+
+
+def benchmark(out, stages, parallel=2):
+    """The stages in order: tune (every TRIES entry at seed 0), main (each chosen setting at SEEDS, and DB at beta 0),
+    test (the learning test's candidates: two seeds, beta 0, the sign mutant). Each run is `python dag.py` on one
+    thread from a snapshot of dag.py made when this call started (OUT/code)."""
     script = snapshot(out / "code")
-    run_jobs([(out / name, argv(algo, flags, seed), snapshot(out / f"code-{edit[0]}", edit[0]) if edit else script)
-              for name, algo, flags, seed, *edit in RUNS if not only or name in only], parallel)
+    if "tune" in stages:
+        run_jobs([(out / "tune" / f"{a}-{k}", argv(a, tries[k], 0), script) for k in range(6)
+                  for a, tries in TRIES.items()], parallel)
+    choose(out)
+    jobs = []
+    if "main" in stages:
+        jobs += [(out / f"{a}-seed{s}", argv(a, CHOSEN[a], s), script) for s in SEEDS for a in CHOSEN]
+        jobs.append((out / "db-beta0-seed1", argv("db", with_flag(CHOSEN["db"], "--reward-exp", 0), 1), script))
+    if "test" in stages:
+        db = CHOSEN["db"]
+        jobs += [(out / "test" / f"seed{s}", test_argv(db, s), script) for s in (1, 2)]
+        jobs.append((out / "test" / "beta0", test_argv(with_flag(db, "--reward-exp", 0), 1), script))
+        jobs.append((out / "test" / "sign", test_argv(db, 1), snapshot(out / "code-sign", "sign")))
+    run_jobs(jobs, parallel)
 
 
-def split(record):
-    """An evaluation's mean r on the trained-on and on the held-out eval prompts."""
-    seen, held = record["eval_reward_per_prompt"][:TRAINED_ON], record["eval_reward_per_prompt"][TRAINED_ON:]
-    return f"trained-on {sum(seen) / len(seen):.3f} / held-out {sum(held) / len(held):.3f}"
+# --------------------------------------------------------------------------------------------------------------------
+# The report: every evaluation's samples read back from its grid, accuracy, tables, curves, grids
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def grid_images(path, n, cols, size=192, pixels=16):
+    """The n images of an eval-EPOCH.png that dag.py's save_grid wrote ((size + 28)-pixel rows of `cols` cells, each
+    16x16 image upscaled by NEAREST): (n, 3, 16, 16) in [0, 1], exactly the uint8 values it saved."""
+    grid, step = torch.from_numpy(np.array(Image.open(path).convert("RGB"))), size // pixels
+    centres = torch.arange(pixels) * step + step // 2
+    cells = [grid[(i // cols) * (size + 28) + centres][:, (i % cols) * size + centres] for i in range(n)]
+    return torch.stack(cells).permute(0, 3, 1, 2).float() / 255
+
+
+def eval_prompts(run):
+    args = json.loads((run / "args.json").read_text())
+    k = args["eval_samples"]
+    prompts = [line.strip() for line in Path(args["eval_prompts"]).read_text().splitlines() if line.strip()]
+    return [p for p in prompts for _ in range(k)], k
+
+
+def evaluations(run):
+    """Every evaluation of a run: its eval.jsonl record with the digit accuracy (all, trained-on, held-out) and the
+    colour accuracy of its samples, read back from its grid."""
+    prompts, k = eval_prompts(run)
+    records = []
+    for r in dag.read_jsonl(run / "eval.jsonl"):
+        images = grid_images(run / f"eval-{r['epoch']:04d}.png", len(prompts), k)
+        named = torch.tensor([parse(p) for p in prompts])
+        digit = digit_logits(digit_classifier(), F.adaptive_avg_pool2d(images, 8)).argmax(1) == named[:, 1]
+        seen = TRAINED_ON * k
+        records.append({**r, "digit_acc": digit.float().mean().item(), "digit_acc_trained": digit[:seen].float()
+                        .mean().item(), "digit_acc_held_out": digit[seen:].float().mean().item(),
+                        "colour_acc": (colour_of(images) == named[:, 0]).float().mean().item(), "images": images})
+    return records
 
 
 def report(out):
-    """OUT/table.md (every finished run), curves.png (eval r against trajectories) and grids.png (the eval samples of
-    the base model and of each final checkpoint) of the SHOWN runs."""
-    order = [name for name, *_ in RUNS]
-    runs = sorted((p for p in out.glob("*") if (p / "wall.json").is_file()),
-                  key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
-    record, base, prompts = samples(runs[0])
-    images, per = {"base": base}, len(prompts) // len(set(prompts))
-    lines = [f"Base model ({per} fixed-noise samples of each eval prompt): eval r {record['eval_reward_mean']:.3f} "
-             f"({split(record)}), digit / colour accuracy {'{:.3f} / {:.3f}'.format(*accuracy(base, prompts))}.", "",
-             "| run | flags | eval r at each evaluation | final r, trained-on / held-out | digit / colour acc | "
-             f"diversity 0 → last | loop s | wall s | trajectories to r ≥ {THRESHOLD} |", "|---" * 9 + "|"]
-    curves = {}
+    """OUT/table.md (the chosen settings over seeds, every run, every try), curves.png and grids.png."""
+    choose(out)
+    runs = sorted(p.parent for p in out.glob("**/wall.json") if "code" not in str(p))
+    ev = {run: evaluations(run) for run in runs}
+    per_epoch = {run: loop_seconds(run) / len(dag.read_jsonl(run / "log.jsonl")) for run in runs}
+    trajectories = {run: json.loads((run / "args.json").read_text())["trajectories"] for run in runs}
+    base = ev[runs[0]][0]
+
+    def reach(run):
+        return next((str(r["epoch"] * trajectories[run]) for r in ev[run] if r["digit_acc"] >= THRESHOLD), "no")
+
+    groups = {a: [out / f"{a}-seed{s}" for s in SEEDS if out / f"{a}-seed{s}" in ev] for a in CHOSEN}
+    groups["db, beta 0"] = [p for p in [out / "db-beta0-seed1"] if p in ev]
+    lines = [f"Base model ({len(eval_prompts(runs[0])[0])} fixed-noise eval samples, guidance 1): eval r "
+             f"{base['eval_reward_mean']:.3f}, digit accuracy {base['digit_acc']:.3f} (trained-on prompts "
+             f"{base['digit_acc_trained']:.3f}, held-out {base['digit_acc_held_out']:.3f}), colour accuracy "
+             f"{base['colour_acc']:.3f}, diversity {base['diversity']:.3f}.", "",
+             "| algorithm | setting | eval r | digit acc | trained-on | held-out | colour acc | diversity | loop s "
+             f"| trajectories to digit acc ≥ {THRESHOLD} |", "|---" * 10 + "|"]
+    for name, paths in groups.items():
+        if paths:
+            a = json.loads((paths[0] / "args.json").read_text())["argv"]
+            flags = " ".join(a[a.index("--algo") + 2 : a.index("--seed")])
+            cells = [mean_std([ev[p][-1][key] for p in paths]) for key in ("eval_reward_mean", "digit_acc",
+                     "digit_acc_trained", "digit_acc_held_out", "colour_acc", "diversity")]
+            lines.append(f"| {name} | `{flags}` | {' | '.join(cells)} | "
+                         f"{mean_std([loop_seconds(p) for p in paths], 0)} | {', '.join(reach(p) for p in paths)} |")
+    lines += ["", "| run | flags | eval r at each evaluation | digit acc at each evaluation | final trained-on / "
+              "held-out digit acc | colour acc | diversity 0 → last | loop s | wall s |", "|---" * 9 + "|"]
     for run in runs:
-        a, ev = json.loads((run / "args.json").read_text()), dag.read_jsonl(run / "eval.jsonl")
-        _, images[run.name], _ = samples(run, dag.checkpoints(run)[0])  # the newest: the final epoch's
-        flags = " ".join(a["argv"][a["argv"].index("--algo") + 1 : a["argv"].index("--seed")])
-        reach = next((str(r["epoch"] * a["trajectories"]) for r in ev if r["eval_reward_mean"] >= THRESHOLD), "no")
-        lines.append(f"| {run.name} | `{flags}` | {curve(ev)} | {split(ev[-1])} | "
-                     f"{'{:.3f} / {:.3f}'.format(*accuracy(images[run.name], prompts))} | {ev[0]['diversity']:.3f} → "
-                     f"{ev[-1]['diversity']:.3f} | {loop_seconds(run):.0f} | "
-                     f"{json.loads((run / 'wall.json').read_text())['wall_s']:.0f} | {reach} |")
-        curves[run.name] = (a["algo"], [(r["epoch"] * a["trajectories"], r["eval_reward_mean"]) for r in ev])
+        a = json.loads((run / "args.json").read_text())["argv"]
+        flags = " ".join(a[a.index("--algo") + 1 : a.index("--seed")])
+        chosen = " (chosen)" if run.parent.name == "tune" and flags.split(maxsplit=1)[1] in CHOSEN.values() else ""
+        last = ev[run][-1]
+        lines.append(f"| {run.relative_to(out)}{chosen} | `{flags}` | {curve(ev[run])} | "
+                     f"{' '.join(format(r['digit_acc'], '.3f') for r in ev[run])} | "
+                     f"{last['digit_acc_trained']:.3f} / {last['digit_acc_held_out']:.3f} | {last['colour_acc']:.3f} | "
+                     f"{ev[run][0]['diversity']:.3f} → {last['diversity']:.3f} | {loop_seconds(run):.0f} | "
+                     f"{json.loads((run / 'wall.json').read_text())['wall_s']:.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    figure(out / "curves.png", {name: curves[name] for name in SHOWN if name in curves})
-    grids(out / "grids.png", {name: images[name] for name in ("base", *SHOWN) if name in images}, prompts[::per], per)
+    figure(out / "curves.png", {name: [(ev[p], trajectories[p], per_epoch[p]) for p in paths]
+                                for name, paths in groups.items() if paths})
+    shown = {"base": base["images"], **{a: ev[out / f"{a}-seed1"][-1]["images"] for a in CHOSEN if out / f"{a}-seed1"
+                                         in ev}}
+    prompts, k = eval_prompts(runs[0])
+    grids(out / "grids.png", shown, prompts[::k], k)
     print("\n".join(lines))
 
 
-def figure(path, curves, W=640, H=360):
-    """Eval r against trajectories, one line per run: the colour its algorithm's (digits.COLOUR_OF), the k-th run of
-    an algorithm solid, dashed, thin, thin dashed; the legend on the right."""
-    xs, ys = zip(*(p for _, c in curves.values() for p in c))
-    (y_ticks, decimals), (x_ticks, _) = nice_ticks(min(ys), max(ys)), nice_ticks(min(xs), max(xs))
-    left, right, top, bottom = 50, W - 14, 24, H - 30
-    image = Image.new("RGB", (W + 200, H), "white")
+def figure(path, groups, W=420, H=300):
+    """Four panels, the mean over the seeds of each group ({name: [(evaluations, trajectories per epoch, loop seconds
+    per epoch) of each seed]}): digit accuracy against trajectories and against training-loop seconds (one thread),
+    eval r and diversity against trajectories."""
+    panels = [("digit accuracy", "digit_acc", "trajectories"), ("digit accuracy", "digit_acc", "loop seconds"),
+              ("eval r = p_4(named digit)", "eval_reward_mean", "trajectories"),
+              ("diversity (RMS pixel distance)", "diversity", "trajectories")]
+    image = Image.new("RGB", (W * len(panels), H + 24), "white")
     draw = ImageDraw.Draw(image)
+    for i, (title, key, axis) in enumerate(panels):
+        lines = {}
+        for name, seeds in groups.items():
+            lines[name] = []
+            for j in range(len(seeds[0][0])):
+                x = [ev[j]["epoch"] * (sec if axis == "loop seconds" else traj) for ev, traj, sec in seeds]
+                lines[name].append((sum(x) / len(seeds), sum(ev[j][key] for ev, _, _ in seeds) / len(seeds)))
+        xs, ys = [x for c in lines.values() for x, _ in c], [y for c in lines.values() for _, y in c]
+        (y_ticks, decimals), (x_ticks, _) = nice_ticks(min(ys), max(ys)), nice_ticks(min(xs), max(xs))
+        left, right, top, bottom = i * W + 56, (i + 1) * W - 14, 24, H - 30
 
-    def px(x, y):
-        return (left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left),
-                bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top))
+        def px(x, y):
+            return (left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left),
+                    bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top))
 
-    def line(xy, colour, k):  # the k-th run of its algorithm: solid, dashed, thin, thin dashed, ...
-        for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
-            n = max(1, round(math.hypot(x1 - x0, y1 - y0) / 5)) if k % 2 else 1  # dashes of ~5 px
-            at = [(x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * j / n) for j in range(n + 1)]
-            for j in range(0, n, 2 if k % 2 else 1):
-                draw.line((at[j], at[j + 1]), fill=colour, width=2 if k < 2 else 1)
-
-    draw.text((left, 6), "eval r = p_4(named digit), fixed noise", fill="black")
-    draw.rectangle((left, top, right, bottom), outline="gray")
-    for y in y_ticks:
-        draw.line((left, px(0, y)[1], right, px(0, y)[1]), fill=(230, 230, 230))
-        draw.text((4, px(0, y)[1] - 6), f"{y:.{decimals}f}", fill="black")
-    for x in x_ticks:
-        draw.text((px(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
-    draw.text((right - 72, H - 12), "trajectories", fill="gray")
-    seen = {}
-    for i, (name, (algo, c)) in enumerate(curves.items()):
-        k, colour = seen.setdefault(algo, -1) + 1, COLOUR_OF[algo]
-        seen[algo] = k
-        line([px(x, y) for x, y in c], colour, k)
-        line([(W, top + 16 * i + 6), (W + 24, top + 16 * i + 6)], colour, k)
-        draw.text((W + 30, top + 16 * i), name, fill=colour)
+        draw.text((left, 6), title + ", mean over seeds", fill="black")
+        draw.rectangle((left, top, right, bottom), outline="gray")
+        for y in y_ticks:
+            draw.line((left, px(0, y)[1], right, px(0, y)[1]), fill=(230, 230, 230))
+            draw.text((i * W + 4, px(0, y)[1] - 6), f"{y:.{decimals}f}", fill="black")
+        for x in x_ticks:
+            draw.text((px(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
+        draw.text((right - 6 * len(axis), H - 12), axis, fill="gray")
+        for name, points in lines.items():
+            xy = [px(x, y) for x, y in points]
+            for a, b in zip(xy, xy[1:]):
+                if "beta 0" in name:  # dashed: a dash from a to the middle of the segment
+                    b = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)
+                draw.line((a, b), fill=COLOUR_OF[name.split(",")[0]], width=2)
+    for k, name in enumerate(groups):
+        x, colour = 8 + 150 * k, COLOUR_OF[name.split(",")[0]]
+        draw.line((x, H + 12, x + 20, H + 12), fill=colour, width=2)
+        draw.text((x + 24, H + 6), name + (" (dashed)" if "beta 0" in name else ""), fill=colour)
     image.save(path)
 
 
@@ -464,9 +542,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["pretrain", "run", "report"])
     p.add_argument("--out", default="runs/t2i", type=Path, help="run folder (pretrain: the pipeline's folder)")
+    p.add_argument("--stage", nargs="+", choices=["tune", "main", "test"], default=["tune", "main", "test"])
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
-    p.add_argument("--only", nargs="+", default=(), metavar="NAME", help="run these of RUNS only")
-    p.add_argument("--unet-steps", type=int, default=4000, help="pretrain: UNet and text encoder steps")
+    p.add_argument("--unet-steps", type=int, default=1850, help="pretrain: UNet and text encoder steps")
     a = p.parse_args()
     torch.set_num_threads(1)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a redirected log as they happen
@@ -474,5 +552,5 @@ if __name__ == "__main__":
         pretrain(a.out, unet_steps=a.unet_steps)
     else:
         if a.command == "run":
-            benchmark(a.out, a.only, a.parallel)
+            benchmark(a.out, a.stage, a.parallel)
         report(a.out)
