@@ -404,10 +404,10 @@ def grid_images(path, n, cols, size=192, pixels=16):
 
 
 def eval_prompts(run):
-    args = json.loads((run / "args.json").read_text())
-    k = args["eval_samples"]
-    prompts = [line.strip() for line in Path(args["eval_prompts"]).read_text().splitlines() if line.strip()]
-    return [p for p in prompts for _ in range(k)], k
+    """A run's eval prompt of each sample, in its grid's order, and the samples per prompt."""
+    args = dag.parse_args(json.loads((run / "args.json").read_text())["argv"][1:])
+    prompts = [line.strip() for line in Path(args.eval_prompts).read_text().splitlines() if line.strip()]
+    return [p for p in prompts for _ in range(args.eval_samples)], args.eval_samples
 
 
 def evaluations(run):
