@@ -37,6 +37,7 @@ height and width of a state (SD: latents 4x64x64), L text tokens, E text width.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import gc
@@ -241,9 +242,7 @@ def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
 
     At e = 0 beta is 0: the flow learns without the reward, and theta still learns toward a sampler whose flows
     balance with log R = 0 (through the DB residual, or DAG-KL's policy term)."""
-    if not anneal:
-        return float(reward_exp)
-    return float(reward_exp) * min(1.0, epoch / (0.5 * num_epochs))
+    return float(reward_exp) * (min(1.0, epoch / (0.5 * num_epochs)) if anneal else 1.0)
 
 
 def log_flows(flow, batch, reward_exp):
@@ -401,14 +400,6 @@ def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def policy_step(m, x_t, t, text, cfg, generator):
-    """One sampling step of the rollout policy (CFG with --guidance-scale) -> (x_child, log_pf, eps, eps_text): log_pf
-    and eps exactly as the training forward (CFG too) recomputes them while theta is unchanged."""
-    eps, eps_text = predict_eps_chunked(m, x_t, t, text, cfg.guidance_scale, cfg.train_batch)
-    x_child, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, cfg.eta, generator=generator)
-    return x_child, log_pf, eps, eps_text
-
-
 @torch.no_grad()
 def rollout(m, reward_fn, prompts, cfg, generator):
     """Sample B = len(prompts) trajectories of N DDIM steps -> Rollout. Only the final images are scored here;
@@ -419,7 +410,8 @@ def rollout(m, reward_fn, prompts, cfg, generator):
     log_pfs, epss, x0_preds = [], [], []
     for t_scalar in m.scheduler.timesteps:
         x_t, t = states[-1], torch.full((B,), int(t_scalar), device=m.device, dtype=torch.long)
-        x_child, log_pf, eps, eps_text = policy_step(m, x_t, t, text, cfg, generator)
+        eps, eps_text = predict_eps_chunked(m, x_t, t, text, cfg.guidance_scale, cfg.train_batch)  # as training does
+        x_child, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, cfg.eta, generator=generator)
         states.append(x_child)
         log_pfs.append(log_pf)
         epss.append(eps)
@@ -558,14 +550,10 @@ def dag_epoch(m, reward_fn, prompts, optimizer, epoch, cfg, generators, show_pro
 # ==================================================== THE HARNESS =====================================================
 
 # --- Command line, one-line errors
-
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/stable-diffusion-v1-5 was deleted from the hub
-
-
 def parse_args(argv=None):
-    """Config's settings (its defaults: the paper's aesthetic run) and the harness's own."""
+    """Config's settings (its defaults) and the harness's own. SD-1.5's hub id: runwayml's repository was deleted."""
     c, p = Config, argparse.ArgumentParser(prog="dag.py", description="DAG post-training of a diffusion model")
-    p.add_argument("--model", default=SD15, help="hub id or diffusers directory (SD-1.x/2.x, or an unconditional DDPM)")
+    p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or diffusers dir")
     p.add_argument("--reward", default="aesthetic", help=f"{', '.join(rewards.REWARDS)}, or module:factory")
     p.add_argument("--prompts", default=None, help="prompt set or text file (default: the reward's task set)")
     p.add_argument("--algo", choices=["db", "kl", "ddpo", "alignprop"], default=c.algo, help="DAG-DB, -KL, baselines")
@@ -607,40 +595,35 @@ def die(message, status=2, rank=0):
 
 def check_args(args):
     """Flag values and batch arithmetic, before anything heavy loads: the first problem found is one line."""
-    v = vars(args)
+    a, v = args, {**vars(args), "flow_lr": 1 if args.flow_lr is None else args.flow_lr}
+    v["kl_coef"] = 0 if a.kl_coef is None else a.kl_coef  # None: the defaults, valid
     counts = ("steps", "epochs", "trajectories", "train_batch", "grad_accum", "save_every", "lora_rank", "truncation")
     problems = [f"--{n} must be >= 1" for n in counts if v[n] < 1]
-    problems += [f"--{n} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range")
-                 if v[n] is not None and not 0 < v[n] < 1e99]
-    problems += [f"--{n} must be finite, >= 0" for n in ("reward_exp", "kl_coef", "unetreg")
-                 if not 0 <= (v[n] or 0) < 1e99]
+    problems += [f"--{n} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range") if not 0 < v[n] < 1e99]
+    problems += [f"--{n} must be finite, >= 0" for n in ("reward_exp", "kl_coef", "unetreg") if not 0 <= v[n] < 1e99]
     problems += [message for bad, message in [
-        (args.reward not in rewards.REWARDS and ":" not in args.reward,
-         f"unknown reward {args.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function"),
-        (not 1 <= args.guidance_scale < 1e99, "--guidance-scale must be finite, >= 1 (1: the conditional branch "
-         "alone; diffusers' pipe(...) samples any w <= 1 that way, so a LoRA trained at w < 1 would be sampled apart)"),
-        (not 0 < args.eta <= 1, "--eta must be in (0, 1]: 0 has no density, > 1 can leave the DDIM mean undefined"),
-        (not 0 < args.timestep_fraction <= 1, "--timestep-fraction must be in (0, 1]"),
-        (not problems and args.trajectories % (args.train_batch * args.grad_accum), f"--trajectories "
-         f"{args.trajectories} is not a multiple of --train-batch {args.train_batch} x --grad-accum {args.grad_accum}"),
-        (args.eval_every < 0 or args.eval_every and args.eval_samples < 2, "--eval-every must be >= 0 and, with "
-         "evaluations, --eval-samples >= 2 (diversity compares a prompt's samples)"),
-        (args.algo == "kl" and args.train_batch < 2, "--algo kl needs --train-batch >= 2 (leave-one-out baseline)"),
-        (args.algo in ("db", "kl") and args.anneal and args.epochs < 2,
+        (a.reward not in rewards.REWARDS and ":" not in a.reward,
+         f"unknown reward {a.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function"),
+        (not 1 <= a.guidance_scale < 1e99, "--guidance-scale must be finite, >= 1 (1: the conditional branch alone; "
+         "diffusers' pipe(...) samples any w <= 1 that way, so a LoRA trained at w < 1 would be sampled apart)"),
+        (not 0 < a.eta <= 1, "--eta must be in (0, 1]: 0 has no density, > 1 can leave the DDIM mean undefined"),
+        (not 0 < a.timestep_fraction <= 1, "--timestep_fraction must be in (0, 1]"),
+        (not problems and a.trajectories % (a.train_batch * a.grad_accum), f"--trajectories {a.trajectories} is not "
+         f"a multiple of --train-batch {a.train_batch} x --grad-accum {a.grad_accum}"),
+        (a.eval_every < 0 or a.eval_every and a.eval_samples < 2, "--eval-every must be >= 0 and, with evaluations, "
+         "--eval-samples >= 2 (diversity compares a prompt's samples)"),
+        (a.algo == "kl" and a.train_batch < 2, "--algo kl needs --train-batch >= 2 (leave-one-out baseline)"),
+        (a.algo in ("db", "kl") and a.anneal and a.epochs < 2,
          "--epochs 1 with annealing trains at beta = 0 only, without the reward: use --epochs >= 2 or --no-anneal"),
-        (args.algo == "alignprop" and ":" not in args.reward and args.reward not in rewards.DIFFERENTIABLE,
+        (a.algo == "alignprop" and ":" not in a.reward and a.reward not in rewards.DIFFERENTIABLE,
          f"--algo alignprop needs a differentiable reward: {', '.join(sorted(rewards.DIFFERENTIABLE))} or your own"),
-        (args.algo == "alignprop" and args.timestep_fraction != 1, "--timestep-fraction is for db, kl and ddpo"),
-        (args.truncation > args.steps, "--truncation must be <= --steps"),
-        (len(args.flow_channels) < 2 or any(c < 32 or c % 32 for c in args.flow_channels), "--flow-channels needs at "
-         "least 2 widths (every block but the last cross-attends to the prompt), each a multiple of 32"),
+        (a.algo == "alignprop" and a.timestep_fraction != 1, "--timestep-fraction is for db, kl and ddpo"),
+        (a.truncation > a.steps, "--truncation must be <= --steps"),
+        (len(a.flow_channels) < 2 or any(c < 32 or c % 32 for c in a.flow_channels), "--flow-channels needs at least "
+         "2 widths (every block but the last cross-attends to the prompt), each a multiple of 32"),
     ] if bad]
     if problems:
         die(problems[0].replace("_", "-") if problems[0].startswith("--") else problems[0])
-
-
-def dag_config(args):
-    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
 # --- Distributed helpers (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is rank 0 of 1)
@@ -667,8 +650,7 @@ def gather(x):
 
 # --- Loading: the model (its configs checked before its weights load) and the reward (every output checked)
 def pipeline_index(model, steps):
-    """The pipeline's model_index.json, once its scheduler is known to fit (a supported prediction type, --steps within
-    its schedule): a problem is one line, before the weights load."""
+    """The pipeline's model_index.json, its scheduler checked (prediction type, --steps) before the weights load."""
     try:
         index = DiffusionPipeline.load_config(model)
         config = DDIMScheduler.load_config(model, subfolder="scheduler")
@@ -684,11 +666,9 @@ def pipeline_index(model, steps):
 
 
 def load_models(args, device, index):
-    """-> Models: the pipeline's networks, LoRA on the UNet, a flow net for DAG. NOTE: on CUDA the frozen weights are
-    bf16 and the UNet runs under bf16 autocast; the LoRA and flow weights, the flow's forward and the stored states
-    are fp32, and no GradScaler is used. The release (mixed_precision bf16) runs the UNet in bf16 without autocast
-    (train_gfn.py:169-177), the flow under bf16 autocast (:199, :525), stores bf16 latents and scales the loss with a
-    GradScaler (:130-132). On the CPU everything is fp32."""
+    """-> Models: the pipeline's networks, LoRA on the UNet, a flow net for DAG. NOTE: precision on CUDA: bf16 frozen
+    weights, the UNet under bf16 autocast, the rest fp32 (LoRA, flow, stored states), no GradScaler; the release's
+    differs (README). On the CPU everything is fp32."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
     try:
@@ -715,19 +695,12 @@ def load_models(args, device, index):
     return m
 
 
-def sha1(chunks):
+def fingerprint(arrays):
+    """sha1 of a sequence of tensors' (or strings') bytes, 16 hex digits."""
     h = hashlib.sha1()
-    for chunk in chunks:
-        h.update(chunk)
+    for a in arrays:
+        h.update(a.encode() + b"\n" if isinstance(a, str) else a.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def frozen_weights_sha1(m):
-    """A fingerprint of the base weights (every 1024th value of each frozen tensor), stored with the run's settings so
-    that a resume onto weights replaced under the same --model is refused."""
-    nets = [net for net in (m.unet, m.vae, m.text_encoder) if net is not None]
-    frozen = [p for net in nets for p in net.parameters() if not p.requires_grad]
-    return sha1(p.detach().flatten()[::1024].float().cpu().numpy().tobytes() for p in frozen)
 
 
 def checked(reward_fn, name):
@@ -746,11 +719,12 @@ def checked(reward_fn, name):
 
     fn.embed = getattr(reward_fn, "embed", None)
     return fn
+
+
 # --- Evaluation: fixed noise, reward, diversity, image grids
 def denoise(m, prompts, x, args, noise=None, generator=None, grad_steps=0):
-    """x_T -> x_0 with the policy alone (nothing stored), for evaluation and AlignProp. Step j's noise is noise[:, j]
-    if given, else drawn from `generator`; the last `grad_steps` steps keep the graph, each UNet call checkpointed
-    (without grad, checkpoint() is a plain call)."""
+    """x_T -> x_0 with the policy alone, for evaluation and AlignProp: step j's noise is noise[:, j] or drawn from
+    `generator`; the last `grad_steps` steps keep the graph, each UNet call checkpointed (else a plain call)."""
     text = encode_prompts(m, prompts) if m.conditional else None
     for j, t_scalar in enumerate(m.scheduler.timesteps):
         t = torch.full((len(x),), int(t_scalar), device=m.device, dtype=torch.long)
@@ -762,8 +736,7 @@ def denoise(m, prompts, x, args, noise=None, generator=None, grad_steps=0):
 
 
 def diversity(features, k):
-    """Mean pairwise L2 distance between the k samples of each prompt (rows grouped by prompt), averaged over prompts:
-    0 when every prompt's samples are identical; a fall during training is mode collapse."""
+    """Mean pairwise L2 distance between the k samples of each prompt (rows grouped by prompt): a fall is collapse."""
     f = features.reshape(-1, k, features.shape[-1])
     d = torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros for identical rows
     return (d.sum(dim=(1, 2)) / (k * (k - 1))).mean().item()
@@ -805,27 +778,26 @@ def save_grid(path, images, prompts, scores, cols=4, size=192):
         x, y = (i % cols) * size, (i // cols) * (size + 28)
         grid.paste(Image.fromarray(array).resize((size, size), Image.NEAREST), (x, y))
         draw.text((x + 4, y + size + 2), f"{prompt[:28]}\nr = {float(score):.3f}", fill="black")
-    tmp = path.with_name(f".tmp-{path.name}")
     try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        grid.save(path.with_name(f".tmp-{path.name}"), format="PNG")
+        os.replace(path.with_name(f".tmp-{path.name}"), path)
     finally:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no partial PNG
+        path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)  # a full disk leaves no part of a PNG
 
 
 # --- Checkpoints: a kill at any moment loses at most the epoch it interrupts (each epoch's checkpoint is written aside
-# --- and renamed into place; log readers skip a line cut short), and a resume refuses another run's checkpoint
+# --- and renamed into place; log readers skip a line cut short); a resume refuses another run's checkpoint, deletes
+# --- nothing the run kept and never returns to an abandoned branch
 
-BETA_STD = (10, 1000)  # the range of reward_exp * std(r) of the base model's rewards where DAG learned in our runs
+BETA_STD = (10, 1000)  # reward_exp * std(r) of the base model's rewards: the range where DAG learned in our runs
 FREE_SETTINGS = ("out", "resume", "epochs", "save_every", "eval_every", "eval_prompts", "eval_samples",
                  "grad_checkpointing")  # these do not change the numbers; every other setting is the run's
 
 
 def checkpoints(out):
-    """OUT's complete checkpoint-EPOCH directories, newest first (one being written has another name; a user's
-    checkpoint-2-copy is not one)."""
-    found = [(int(p.name[11:]), p) for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return [p for _, p in sorted(found, reverse=True)]
+    """OUT's complete checkpoint-EPOCH directories, newest first (not one being written, nor a user's copy)."""
+    found = [p for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[11:]), reverse=True)
 
 
 def read_jsonl(path):
@@ -842,11 +814,10 @@ def read_jsonl(path):
 def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, rank, drop=None):
     """Rank 0 writes OUT/checkpoint-EPOCH aside and renames it into place, so a kill leaves all of it or none: the LoRA
     in diffusers' format (pipe.load_lora_weights(dir) reads it), the training state, every rank's RNG streams and the
-    run's settings; then deletes checkpoint-`drop`, the previous one this process wrote, unless it is kept. Ranks whose
-    weights are not bitwise equal, non-finite weights, or a failed write: one line."""
-    params = [p.detach().cpu() for p in m.lora_params + m.flow_params]
-    rng = gather({name: g.get_state() for name, g in generators.items()})
-    digests = gather(sha1(p.numpy().tobytes() for p in params))
+    run's settings; then deletes checkpoint-`drop`. Weights not bitwise equal on every rank or not finite, or a failed
+    write: one line."""
+    params = m.lora_params + m.flow_params
+    rng, digests = gather({name: g.get_state() for name, g in generators.items()}), gather(fingerprint(params))
     finite = all(bool(torch.isfinite(p).all()) for p in params)
     error = None if len(set(digests)) == 1 and finite else f"the ranks' weights differ ({digests}) or are not finite"
     if rank == 0 and error is None:
@@ -858,14 +829,13 @@ def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, ran
             flow = None if m.flow is None else m.flow.state_dict()
             state = {"epoch": epoch, "settings": settings, "lora": lora, "flow": flow, "rng": rng, "history": history}
             torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "training_state.pt")
-            shutil.rmtree(final, ignore_errors=True)  # the same epoch of a run that a resume redoes
             os.replace(tmp, final)
+            if drop:
+                shutil.rmtree(out / f"checkpoint-{drop}", ignore_errors=True)
         except Exception as e:  # NOTE: a full disk is an OSError, torch.save's RuntimeError or safetensors' own error
             shutil.rmtree(tmp, ignore_errors=True)
             free = shutil.disk_usage(out).free / 2**20
             error = f"cannot write {final.name} ({' '.join(str(e).split())[:160]}; {free:.1f} MB free there)"
-        if error is None and drop is not None:
-            shutil.rmtree(out / f"checkpoint-{drop}", ignore_errors=True)
     error = gather(error)[0]
     if error:
         die(f"{error}; the newest intact checkpoint: {next(iter(checkpoints(out)), None)}", status=1, rank=rank)
@@ -898,20 +868,21 @@ def resume(args, out, m, optimizer, generators, history, settings, rank):
 
 
 def set_aside_later(out, start):
-    """A resume from epoch `start` while later checkpoints exist (an earlier resume's branch): move them and the log
-    records of epochs >= start into OUT/abandoned-TIME/, so that --resume auto never returns to that branch and
-    nothing is deleted. Records of the interrupted epoch itself, redone identically, are dropped."""
+    """Checkpoints past `start` (a branch that a resume from an earlier one abandons) move with their log records to
+    OUT/abandoned-TIME/, so --resume auto never returns to them; the records of a redone epoch are dropped."""
     later = [p for p in checkpoints(out) if int(p.name[11:]) > start]
     aside = out / time.strftime("abandoned-%Y%m%d-%H%M%S")
     for name in ("log.jsonl", "eval.jsonl"):
-        records = read_jsonl(out / name)
+        records = [(r["epoch"] < start, json.dumps(r) + "\n") for r in read_jsonl(out / name)]
         if later:
             aside.mkdir(exist_ok=True)
-            (aside / name).write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] >= start))
-        (out / f".{name}").write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] < start))
-        os.replace(out / f".{name}", out / name)
+            (aside / name).write_text("".join(line for kept, line in records if not kept))
+        (out / f".tmp-{name}").write_text("".join(line for kept, line in records if kept))
+        os.replace(out / f".tmp-{name}", out / name)
     for p in later:
         os.replace(p, aside / p.name)
+
+
 # --- Baselines on the same sampler, rewards and loop, with dag_epoch's return shape: DDPO and AlignProp (--algo)
 def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size=32):
     """DDPO's advantages (Black et al. 2023, arXiv 2305.13301; its aesthetic config's buffer): rewards standardised by
@@ -925,25 +896,24 @@ def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size
     return advantages
 
 
-def ddpo_loss(m, batch, advantages, args):
-    """DDPO's per-transition loss: the PPO-clipped surrogate with the trajectory's advantage (b,)."""
-    log_pf, _ = policy_logprob(m, batch, args)
-    loss = ppo_clip_loss(log_pf, batch.log_pf_rollout, advantages, args.clip_range)
-    return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
-
-
 def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank=0, world=1):
     """One DDPO epoch: a rollout (terminal rewards only), advantages from the rewards and prompts of ALL ranks
-    (clipped to +-5, DDPO's adv_clip_max), one pass of PPO over K transitions of each trajectory."""
+    (clipped to +-5, DDPO's adv_clip_max), one pass of PPO's clipped surrogate over K transitions of each trajectory."""
     t0 = time.time()
     idx = torch.randint(len(prompts), (args.trajectories,), generator=generators["cpu"])
     ro = rollout(m, reward_fn, [prompts[i] for i in idx], args, generators["noise"])
     advantages = per_prompt_advantages(gather(ro.reward), gather(idx.to(m.device)), history).clamp(-5, 5)
+    mine = advantages.view(world, -1)[rank]  # this rank's trajectories
     order, perm = (v.to(m.device) for v in transition_order(args.trajectories, args.steps, args.timestep_fraction,
                                                              generators["cpu"]))
     t1 = time.time()
-    mine = advantages.view(world, -1)[rank]  # this rank's trajectories
-    stats = train_epoch(m, ro, order, perm, optimizer, lambda b: ddpo_loss(m, b, mine[b.rows], args), args, rank == 0)
+
+    def ddpo_loss(batch):
+        log_pf, _ = policy_logprob(m, batch, args)
+        loss = ppo_clip_loss(log_pf, batch.log_pf_rollout, mine[batch.rows], args.clip_range)
+        return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
+
+    stats = train_epoch(m, ro, order, perm, optimizer, ddpo_loss, args, rank == 0)
     return ro.reward, {**stats, "rollout_s": t1 - t0, "train_s": time.time() - t1}
 
 
@@ -968,8 +938,7 @@ def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
 
 # --- main: one line for every way a run ends early
 def on_signal(signum, frame):
-    """SIGTERM (a scheduler's pre-emption) and SIGINT (Ctrl-C) end the run at the next bytecode, the same way; the
-    signals that follow (torchrun forwards them to every worker) are ignored while it ends."""
+    """SIGTERM (pre-emption) and Ctrl-C end the run alike; the signals that follow (torchrun's) are ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -1001,10 +970,8 @@ def main(argv=None):
         die(f"stopped by {name}; {kept}", status=128 + signal.Signals[name], rank=rank)
     except Exception as e:  # a failure: one line per failing rank, its traceback in a file
         detail, frame = out / f"traceback-rank{rank}.txt", traceback.extract_tb(e.__traceback__)[-1]
-        try:
+        with contextlib.suppress(OSError):  # a full disk: the line still comes
             detail.write_text(traceback.format_exc())
-        except OSError:
-            detail = "not saved"
         traceback.clear_frames(e.__traceback__)
         if not isinstance(e, dist.DistError) and "by peer" not in str(e):  # gloo: "Connection closed by peer"
             tqdm.write(f"dag.py: error: rank {rank} failed: {e.__class__.__name__}: {' '.join(str(e).split())[:300]} "
@@ -1016,7 +983,7 @@ def main(argv=None):
         gc.collect()  # NOTE: freeing the models before the teardown avoids an intermittent gloo abort at exit
         if dist.is_initialized():
             dist.destroy_process_group()
-        if lock is not None:
+        if lock:
             lock.close()
 
 
@@ -1041,10 +1008,13 @@ def train(args, out, rank, world, device):
     # NOTE: the flow's own lr (--flow-lr); the release's config has flow_learning_rate but uses learning_rate for both
     groups = [{"params": m.lora_params, "lr": args.lr}, {"params": m.flow_params, "lr": args.flow_lr or args.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)  # the release's AdamW
+    base = [p.flatten()[::1024] for net in (m.unet, m.vae, m.text_encoder) if net for p in net.parameters()
+            if not p.requires_grad]  # every 1024th value of each frozen tensor: replaced weights show
     settings = {**{k: v for k, v in vars(args).items() if k not in FREE_SETTINGS}, "world_size": world,
-                "weights_sha1": frozen_weights_sha1(m), "prompts_sha1": sha1(p.encode() + b"\n" for p in prompts)}
+                "weights_sha1": fingerprint(base), "prompts_sha1": fingerprint(prompts)}
     history = {}  # DDPO's rewards per prompt id
-    start, cfg = resume(args, out, m, optimizer, generators, history, settings, rank), dag_config(args)
+    start = resume(args, out, m, optimizer, generators, history, settings, rank)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})  # what the DAG path reads
     if rank == 0:
         lora, flow = (sum(p.numel() for p in ps) for ps in (m.lora_params, m.flow_params))
         print(f"{args.algo} on {args.model}: LoRA {lora:,} + flow {flow:,} params; {world} process(es) x "
@@ -1085,13 +1055,12 @@ def train(args, out, rank, world, device):
         stats.update(zip(mean, gather(torch.tensor([[stats[k] for k in mean]], dtype=torch.float64)).mean(0).tolist()))
         record = {"epoch": epoch, "reward_mean": scores.mean().item(), "reward_std": scores.std().item(), **stats,
                   "skipped_steps": taken.count(False), "traj_per_s": len(scores) / (time.time() - t0)}
-        if args.algo in ("db", "kl"):
-            record["beta_reward_std"] = stats["reward_exp"] * record["reward_std"]
-            spread = args.reward_exp * record["reward_std"]  # at the final beta
-            if rank == 0 and epoch == start and not BETA_STD[0] <= spread <= BETA_STD[1]:
-                tqdm.write(f"dag.py: warning: --reward-exp {args.reward_exp:g} x std(r) {record['reward_std']:.3g} = "
-                           f"{spread:.3g}, outside {BETA_STD[0]}-{BETA_STD[1]}, where DAG learned in our runs: see the "
-                           "README, choosing beta", file=sys.stderr)
+        if args.algo in ("db", "kl"):  # beta x the reward's spread: how far the reward can move the flows
+            record["beta_reward_std"], spread = stats["reward_exp"] * record["reward_std"], args.reward_exp
+            if rank == 0 and epoch == start and not BETA_STD[0] <= spread * record["reward_std"] <= BETA_STD[1]:
+                tqdm.write(f"dag.py: warning: --reward-exp {spread:g} x std(r) {record['reward_std']:.3g} is outside "
+                           f"{BETA_STD[0]}-{BETA_STD[1]}, where DAG learned in our runs (README: choosing beta)",
+                           file=sys.stderr)
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
