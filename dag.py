@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -66,8 +65,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -93,9 +91,7 @@ def alphas_at(scheduler, t, like):
     alphas_cumprod = scheduler.alphas_cumprod.to(like.device)  # float32 (T,)
     delta = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     shape = (-1,) + (1,) * (like.ndim - 1)
-    a_t = alphas_cumprod[t].view(shape).to(like.dtype)
-    a_child = alphas_cumprod[(t - delta).clamp(min=0)].view(shape).to(like.dtype)
-    return a_t, a_child
+    return tuple(alphas_cumprod[s].view(shape).to(like.dtype) for s in (t, (t - delta).clamp(min=0)))
 
 
 def gaussian_logprob(x, mean, std):
@@ -174,12 +170,11 @@ class FlowNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.blocks = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(zip(channels[:1] + channels[:-1], channels)):
-            attend = cross_attention_dim is not None and i < len(channels) - 1
-            kind = "CrossAttnDownBlock2D" if attend else "DownBlock2D"
-            block = get_down_block(kind, 1, c_in, c_out, 4 * channels[0], add_downsample=True, resnet_eps=1e-5,
-                                   resnet_act_fn="silu", resnet_groups=32, cross_attention_dim=cross_attention_dim,
-                                   num_attention_heads=8, attention_head_dim=8, downsample_padding=1)
-            self.blocks.append(block)
+            kind = "DownBlock2D" if cross_attention_dim is None or i == len(channels) - 1 else "CrossAttnDownBlock2D"
+            self.blocks.append(get_down_block(kind, 1, c_in, c_out, 4 * channels[0], add_downsample=True,
+                                              resnet_eps=1e-5, resnet_act_fn="silu", resnet_groups=32,
+                                              cross_attention_dim=cross_attention_dim, num_attention_heads=8,
+                                              attention_head_dim=8, downsample_padding=1))
         self.head = nn.Linear(channels[-1], 1)
 
     def forward(self, x_t, t, text=None):
@@ -406,20 +401,17 @@ def rollout(m, reward_fn, prompts, cfg, generator):
     `score_states` scores the states that training will read."""
     B, N = len(prompts), len(m.scheduler.timesteps)
     text = encode_prompts(m, prompts) if m.conditional else None
-    states = [torch.randn((B, *m.latent_shape), generator=generator, device=m.device)]
-    log_pfs, epss, x0_preds = [], [], []
+    states, steps = [torch.randn((B, *m.latent_shape), generator=generator, device=m.device)], []
     for t_scalar in m.scheduler.timesteps:
         x_t, t = states[-1], torch.full((B,), int(t_scalar), device=m.device, dtype=torch.long)
         eps, eps_text = predict_eps_chunked(m, x_t, t, text, cfg.guidance_scale, cfg.train_batch)  # as training does
         x_child, log_pf = ddim_step_logprob(m.scheduler, eps, t, x_t, cfg.eta, generator=generator)
         states.append(x_child)
-        log_pfs.append(log_pf)
-        epss.append(eps)
-        x0_preds.append(predict_x0(m.scheduler, eps_text, t, x_t))
+        steps.append((log_pf, eps, predict_x0(m.scheduler, eps_text, t, x_t)))
     state_reward = torch.full((B, N + 1), float("nan"), device=m.device)
     state_reward[:, N] = reward_fn(decode(m, states[-1], cfg.train_batch), prompts).float()
     timesteps = torch.cat([m.scheduler.timesteps, torch.zeros(1, dtype=torch.long)]).to(m.device)
-    log_pf, eps, x0_pred = (torch.stack(v, 1) for v in (log_pfs, epss, x0_preds))
+    log_pf, eps, x0_pred = (torch.stack(v, 1) for v in zip(*steps))  # (B, N), (B, N, C, H, W), (B, N, C, H, W)
     return Rollout(list(prompts), text, torch.stack(states, 1), timesteps, log_pf, eps, x0_pred, state_reward)
 
 
@@ -474,9 +466,8 @@ def dag_loss(m, batch, reward_exp, cfg):
     if cfg.algo == "db":
         loss = db_loss(log_flow, log_pf, log_pb, log_flow_child)
     else:
-        kl_coef = cfg.reward_exp if cfg.kl_coef is None else cfg.kl_coef
-        loss, loss_policy = kl_loss(log_flow, log_pf, log_pb, log_flow_child, batch.log_pf_rollout, cfg.clip_range)
-        loss = loss + kl_coef * loss_policy
+        loss_flow, loss_policy = kl_loss(log_flow, log_pf, log_pb, log_flow_child, batch.log_pf_rollout, cfg.clip_range)
+        loss = loss_flow + (cfg.reward_exp if cfg.kl_coef is None else cfg.kl_coef) * loss_policy
     # unetreg: the per-step KL(p_theta || p_rollout) without its timestep weight, a proximal pull (0 until theta moves)
     unetreg = ((eps - batch.eps_rollout) ** 2).mean(dim=tuple(range(1, eps.ndim)))
     loss = loss + cfg.unetreg * unetreg
@@ -594,9 +585,8 @@ def die(message, status=2, rank=0):
 
 
 def check_args(args):
-    """Flag values and batch arithmetic, before anything heavy loads: the first problem found is one line."""
-    a, v = args, {**vars(args), "flow_lr": 1 if args.flow_lr is None else args.flow_lr}
-    v["kl_coef"] = 0 if a.kl_coef is None else a.kl_coef  # None: the defaults, valid
+    """Flag values and batch arithmetic, before anything heavy loads: the first problem found is one line. -> args"""
+    a, v = args, {**vars(args), "flow_lr": 1 if args.flow_lr is None else args.flow_lr, "kl_coef": args.kl_coef or 0}
     counts = ("steps", "epochs", "trajectories", "train_batch", "grad_accum", "save_every", "lora_rank", "truncation")
     problems = [f"--{n} must be >= 1" for n in counts if v[n] < 1]
     problems += [f"--{n} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range") if not 0 < v[n] < 1e99]
@@ -624,11 +614,11 @@ def check_args(args):
     ] if bad]
     if problems:
         die(problems[0].replace("_", "-") if problems[0].startswith("--") else problems[0])
+    return args
 
 
 # --- Distributed helpers (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is rank 0 of 1)
-def setup_distributed():
-    """-> (rank, world_size, device). NCCL on GPU, gloo on CPU."""
+def setup_distributed():  # -> (rank, world_size, device)
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -685,8 +675,7 @@ def load_models(args, device, index):
     c, size = unet.config.in_channels, unet.config.sample_size
     m = Models(unet.eval(), ddim_scheduler(pipe.scheduler.config, args.steps), None, (c, size, size), device, dtype)
     if "text_encoder" in index:
-        m.vae = pipe.vae.to(device).requires_grad_(False)
-        m.text_encoder = pipe.text_encoder.to(device).requires_grad_(False)
+        m.vae, m.text_encoder = (net.to(device).requires_grad_(False) for net in (pipe.vae, pipe.text_encoder))
         m.tokenizer = pipe.tokenizer
         m.uncond = encode_prompts(m, [""])
     if args.algo in ("db", "kl"):
@@ -695,12 +684,9 @@ def load_models(args, device, index):
     return m
 
 
-def fingerprint(arrays):
-    """sha1 of a sequence of tensors' (or strings') bytes, 16 hex digits."""
-    h = hashlib.sha1()
-    for a in arrays:
-        h.update(a.encode() + b"\n" if isinstance(a, str) else a.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def fingerprint(arrays):  # of tensors or strings
+    data = (a.encode() + b"\n" if isinstance(a, str) else a.detach().float().cpu().numpy().tobytes() for a in arrays)
+    return hashlib.sha1(b"".join(data)).hexdigest()[:16]
 
 
 def checked(reward_fn, name):
@@ -788,15 +774,9 @@ def save_grid(path, images, prompts, scores, cols=4, size=192):
 # --- Checkpoints: a kill at any moment loses at most the epoch it interrupts (each epoch's checkpoint is written aside
 # --- and renamed into place; log readers skip a line cut short); a resume refuses another run's checkpoint, deletes
 # --- nothing the run kept and never returns to an abandoned branch
-
-BETA_STD = (10, 1000)  # reward_exp * std(r) of the base model's rewards: the range where DAG learned in our runs
-FREE_SETTINGS = ("out", "resume", "epochs", "save_every", "eval_every", "eval_prompts", "eval_samples",
-                 "grad_checkpointing")  # these do not change the numbers; every other setting is the run's
-
-
 def checkpoints(out):
     """OUT's complete checkpoint-EPOCH directories, newest first (not one being written, nor a user's copy)."""
-    found = [p for p in Path(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    found = [p for p in Path(out).glob("checkpoint-*") if p.name[11:].isdecimal()]
     return sorted(found, key=lambda p: int(p.name[11:]), reverse=True)
 
 
@@ -804,10 +784,8 @@ def read_jsonl(path):
     """The records of a JSON-lines file; a line that does not parse (cut short by a kill or a full disk) is skipped."""
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
     return records
 
 
@@ -896,9 +874,16 @@ def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size
     return advantages
 
 
+def ddpo_loss(m, batch, advantages, args):
+    """DDPO's per-transition loss: PPO's clipped surrogate with the trajectory's advantage (b,)."""
+    log_pf, _ = policy_logprob(m, batch, args)
+    loss = ppo_clip_loss(log_pf, batch.log_pf_rollout, advantages, args.clip_range)
+    return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
+
+
 def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank=0, world=1):
     """One DDPO epoch: a rollout (terminal rewards only), advantages from the rewards and prompts of ALL ranks
-    (clipped to +-5, DDPO's adv_clip_max), one pass of PPO's clipped surrogate over K transitions of each trajectory."""
+    (clipped to +-5, DDPO's adv_clip_max), one pass of `ddpo_loss` over K transitions of each trajectory."""
     t0 = time.time()
     idx = torch.randint(len(prompts), (args.trajectories,), generator=generators["cpu"])
     ro = rollout(m, reward_fn, [prompts[i] for i in idx], args, generators["noise"])
@@ -907,13 +892,7 @@ def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank
     order, perm = (v.to(m.device) for v in transition_order(args.trajectories, args.steps, args.timestep_fraction,
                                                              generators["cpu"]))
     t1 = time.time()
-
-    def ddpo_loss(batch):
-        log_pf, _ = policy_logprob(m, batch, args)
-        loss = ppo_clip_loss(log_pf, batch.log_pf_rollout, mine[batch.rows], args.clip_range)
-        return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
-
-    stats = train_epoch(m, ro, order, perm, optimizer, ddpo_loss, args, rank == 0)
+    stats = train_epoch(m, ro, order, perm, optimizer, lambda b: ddpo_loss(m, b, mine[b.rows], args), args, rank == 0)
     return ro.reward, {**stats, "rollout_s": t1 - t0, "train_s": time.time() - t1}
 
 
@@ -945,8 +924,7 @@ def on_signal(signum, frame):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
+    args = check_args(parse_args(argv))
     out, lock = Path(args.out), None
     if int(os.environ.get("RANK", 0)) == 0:  # rank 0's claim on --out, before anything heavy
         if out.exists() and not out.is_dir() or not args.resume and (checkpoints(out) or (out / "log.jsonl").exists()):
@@ -992,8 +970,7 @@ def train(args, out, rank, world, device):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # the LoRA and flow initialisation: the same on every rank (checked at each save)
     # NOTE: CRUCIAL: a seed per rank for prompts, noise and shuffling (the release seeds all alike, train_gfn.py:83)
-    cpu = torch.Generator().manual_seed(args.seed + rank)
-    generators = {"noise": torch.Generator(device).manual_seed(args.seed + rank), "cpu": cpu}
+    generators = {k: torch.Generator(d).manual_seed(args.seed + rank) for k, d in (("noise", device), ("cpu", "cpu"))}
     index = pipeline_index(args.model, args.steps)
     if "text_encoder" not in index and (args.prompts or args.eval_prompts):
         die(f"--prompts and --eval-prompts are for a text-to-image model; {args.model} is unconditional")
@@ -1010,7 +987,9 @@ def train(args, out, rank, world, device):
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)  # the release's AdamW
     base = [p.flatten()[::1024] for net in (m.unet, m.vae, m.text_encoder) if net for p in net.parameters()
             if not p.requires_grad]  # every 1024th value of each frozen tensor: replaced weights show
-    settings = {**{k: v for k, v in vars(args).items() if k not in FREE_SETTINGS}, "world_size": world,
+    # the run's settings, which a resume must find equal: all but these flags, which do not change the numbers
+    free = ("out", "resume", "epochs", "save_every", "eval_every", "eval_prompts", "eval_samples", "grad_checkpointing")
+    settings = {**{k: v for k, v in vars(args).items() if k not in free}, "world_size": world,
                 "weights_sha1": fingerprint(base), "prompts_sha1": fingerprint(prompts)}
     history = {}  # DDPO's rewards per prompt id
     start = resume(args, out, m, optimizer, generators, history, settings, rank)
@@ -1056,11 +1035,11 @@ def train(args, out, rank, world, device):
         record = {"epoch": epoch, "reward_mean": scores.mean().item(), "reward_std": scores.std().item(), **stats,
                   "skipped_steps": taken.count(False), "traj_per_s": len(scores) / (time.time() - t0)}
         if args.algo in ("db", "kl"):  # beta x the reward's spread: how far the reward can move the flows
-            record["beta_reward_std"], spread = stats["reward_exp"] * record["reward_std"], args.reward_exp
-            if rank == 0 and epoch == start and not BETA_STD[0] <= spread * record["reward_std"] <= BETA_STD[1]:
-                tqdm.write(f"dag.py: warning: --reward-exp {spread:g} x std(r) {record['reward_std']:.3g} is outside "
-                           f"{BETA_STD[0]}-{BETA_STD[1]}, where DAG learned in our runs (README: choosing beta)",
-                           file=sys.stderr)
+            record["beta_reward_std"] = stats["reward_exp"] * record["reward_std"]
+            # the final beta x std(r) of the base model's rewards (a run's first epoch): 10-1000 is where DAG learned
+            if rank == 0 and epoch == start and not 10 <= args.reward_exp * record["reward_std"] <= 1000:
+                tqdm.write(f"dag.py: warning: --reward-exp {args.reward_exp:g} x std(r) {record['reward_std']:.3g} is "
+                           "outside 10-1000, where DAG learned in our runs (README: choosing beta)", file=sys.stderr)
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
