@@ -386,12 +386,10 @@ def decode(m, x0, chunk):
 
 # --- Rollout: sample trajectories with the current policy; score the states training will read
 def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
-    """predict_eps on `chunk` rows at a time: the rollout calls the UNet with train_batch rows, as the training forward
-    does. Kernels depend on the batch size, and equal shapes make an unchanged theta reproduce eps bitwise."""
-    parts = []
-    for i in range(0, len(x_t), chunk):
-        text_rows = None if text is None else text[i : i + chunk]
-        parts.append(predict_eps(m, x_t[i : i + chunk], t[i : i + chunk], text_rows, guidance))
+    """predict_eps on `chunk` rows at a time, the training forward's batch size: kernels depend on the batch size, and
+    equal shapes make an unchanged theta reproduce eps bitwise."""
+    rows = [slice(i, i + chunk) for i in range(0, len(x_t), chunk)]
+    parts = [predict_eps(m, x_t[r], t[r], None if text is None else text[r], guidance) for r in rows]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -771,9 +769,8 @@ def save_grid(path, images, prompts, scores, cols=4, size=192):
         path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)  # a full disk leaves no part of a PNG
 
 
-# --- Checkpoints: a kill at any moment loses at most the epoch it interrupts (each epoch's checkpoint is written aside
-# --- and renamed into place; log readers skip a line cut short); a resume refuses another run's checkpoint, deletes
-# --- nothing the run kept and never returns to an abandoned branch
+# --- Checkpoints: a kill at any moment loses at most the epoch it interrupts; a resume refuses another run's
+# --- checkpoint, deletes nothing the run kept and never returns to an abandoned branch
 def checkpoints(out):
     """OUT's complete checkpoint-EPOCH directories, newest first (not one being written, nor a user's copy)."""
     found = [p for p in Path(out).glob("checkpoint-*") if p.name[11:].isdecimal()]
@@ -792,8 +789,7 @@ def read_jsonl(path):
 def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, rank, drop=None):
     """Rank 0 writes OUT/checkpoint-EPOCH aside and renames it into place, so a kill leaves all of it or none: the LoRA
     in diffusers' format (pipe.load_lora_weights(dir) reads it), the training state, every rank's RNG streams and the
-    run's settings; then deletes checkpoint-`drop`. Weights not bitwise equal on every rank or not finite, or a failed
-    write: one line."""
+    run's settings. Weights not bitwise equal on every rank or not finite, or a failed write: one line."""
     params = m.lora_params + m.flow_params
     rng, digests = gather({name: g.get_state() for name, g in generators.items()}), gather(fingerprint(params))
     finite = all(bool(torch.isfinite(p).all()) for p in params)
