@@ -386,8 +386,8 @@ def decode(m, x0, chunk):
 
 # --- Rollout: sample trajectories with the current policy; score the states training will read
 def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
-    """predict_eps on `chunk` rows at a time, the training forward's batch size: kernels depend on the batch size, and
-    equal shapes make an unchanged theta reproduce eps bitwise."""
+    """predict_eps on `chunk` rows at a time; the rollout passes train_batch, the training forward's batch size: kernels
+    depend on the batch size, and equal shapes make an unchanged theta reproduce eps bitwise."""
     rows = [slice(i, i + chunk) for i in range(0, len(x_t), chunk)]
     parts = [predict_eps(m, x_t[r], t[r], None if text is None else text[r], guidance) for r in rows]
     return tuple(torch.cat(p) for p in zip(*parts))
@@ -626,8 +626,7 @@ def setup_distributed():  # -> (rank, world_size, device)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
 
 
-def gather(x):
-    """A (B, ...) tensor from every rank, concatenated; any other object: [rank 0's, rank 1's, ...]."""
+def gather(x):  # a (B, ...) tensor from every rank, concatenated; any other object: [rank 0's, rank 1's, ...]
     if not dist.is_initialized():
         return x if torch.is_tensor(x) else [x]
     tensor = torch.is_tensor(x)
@@ -771,14 +770,12 @@ def save_grid(path, images, prompts, scores, cols=4, size=192):
 
 # --- Checkpoints: a kill at any moment loses at most the epoch it interrupts; a resume refuses another run's
 # --- checkpoint, deletes nothing the run kept and never returns to an abandoned branch
-def checkpoints(out):
-    """OUT's complete checkpoint-EPOCH directories, newest first (not one being written, nor a user's copy)."""
+def checkpoints(out):  # OUT's complete checkpoint-EPOCH dirs, newest first (not one being written, nor a user's copy)
     found = [p for p in Path(out).glob("checkpoint-*") if p.name[11:].isdecimal()]
     return sorted(found, key=lambda p: int(p.name[11:]), reverse=True)
 
 
-def read_jsonl(path):
-    """The records of a JSON-lines file; a line that does not parse (cut short by a kill or a full disk) is skipped."""
+def read_jsonl(path):  # a line that does not parse (cut short by a kill or a full disk) is skipped
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(json.JSONDecodeError):
