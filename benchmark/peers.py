@@ -642,20 +642,97 @@ def score(run, every=None, name=None, check=True):
 # --------------------------------------------------------------------------------------------------------------------
 
 SEEDS = (1, 2, 3)
-RUNS = [(f"release-db-seed{s}", "release", ["--seed", str(s)]) for s in SEEDS] + \
-       [(f"trl-ddpo-seed{s}", "ddpo", ["--seed", str(s)]) for s in SEEDS]
+# The matched settings: dag.py's DAG-DB and DAG-KL tuning tries whose flow learns at --lr (the release has one learning
+# rate), and DDPO's chosen setting; the release's and TRL's runs take the same flags (peer defaults: the budget)
+MATCHED = {"db": "--reward-exp 300 --lr 3e-3 --unetreg 100",
+           "kl": "--reward-exp 300 --lr 3e-3 --clip-range 1e-2 --unetreg 100",
+           "ddpo": "--lr 3e-3 --clip-range 1e-2"}
+RUNS = [(f"release-{a}-seed{s}", "release", ["--algo", a, *MATCHED[a].split(), "--seed", str(s)])
+        for a in ("db", "kl") for s in SEEDS] + \
+       [(f"trl-ddpo-seed{s}", "ddpo", [*MATCHED["ddpo"].split(), "--seed", str(s)]) for s in SEEDS]
 
 
-def run_all(release, out, every=5):
-    """RUNS one at a time (a finished one, with wall.json, is skipped), each then scored every `every` epochs."""
-    for name, peer, flags in RUNS:
-        run = out / name
-        if not (run / "wall.json").exists():
+def dag_runs(out):
+    """dag.py at the matched settings and SEEDS, as the t2i benchmark runs it: {name: (out, argv)}."""
+    from benchmark.t2i import argv as t2i_argv
+
+    return {f"dag-{a}-seed{s}": (out / f"dag-{a}-seed{s}", t2i_argv(a, MATCHED[a], s)) for a in MATCHED for s in SEEDS}
+
+
+def run_all(release, out, every=5, parallel=2):
+    """dag.py's matched runs (`parallel` at a time, from a snapshot of dag.py), then RUNS `parallel` at a time (a
+    finished one, with wall.json, is skipped), each peer run then scored every `every` epochs."""
+    from benchmark.digits import run_jobs, snapshot
+
+    for path, argv in dag_runs(out).values():  # the t2i benchmark's run of the same command line, if it has one
+        for done in (ROOT / "runs" / "t2i").glob("*/wall.json"):
+            same = json.loads((done.parent / "args.json").read_text())["argv"][1:-2] == argv  # without its --out
+            if same and not (path / "wall.json").exists():
+                shutil.copytree(done.parent, path, dirs_exist_ok=True)
+    run_jobs([(path, argv, snapshot(out / "code")) for path, argv in dag_runs(out).values()], parallel)
+    todo = [(out / name, peer, flags) for name, peer, flags in RUNS if not (out / name / "wall.json").exists()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    running = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            run, peer, flags = todo.pop(0)
             shutil.rmtree(run, ignore_errors=True)
             argv = [peer, "--out", str(run), *flags] + (["--release", str(release)] if peer == "release" else [])
-            main(argv)
-        if not read_jsonl(run / "eval.jsonl"):
-            score(run, every)
+            log = open(out / f"{run.name}.log", "w")
+            running.append((subprocess.Popen([sys.executable, "-m", "benchmark.peers", *argv], cwd=ROOT, env=env,
+                                             stdout=log, stderr=subprocess.STDOUT), log, run))
+            print(f"start {run.name}", flush=True)
+        time.sleep(2)
+        for job in [j for j in running if j[0].poll() is not None]:
+            running.remove(job)
+            job[1].close()
+            if job[0].returncode:
+                die(f"{job[2].name} failed; see {out / job[2].name}.log")
+            print(f"done  {job[2].name}", flush=True)
+    for name, _, _ in RUNS:
+        if not read_jsonl(out / name / "eval.jsonl"):
+            score(out / name, every)
+
+
+def speed(release, out, repeats=2, epochs=2):
+    """Seconds per trajectory, rollout and training apart, of dag.py and each peer side by side: for each timestep
+    fraction and each pair, a short run of dag.py then one of the peer (no evaluation), `repeats` times over, one at a
+    time, one thread each -> OUT/speed.json (every epoch's seconds) and a table of medians and ratios."""
+    from benchmark.digits import snapshot
+    from benchmark.t2i import argv as t2i_argv
+
+    script, env, rows = snapshot(out / "code"), {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, {}
+    for k in range(repeats):
+        for f in (1.0, 0.25):
+            for algo, peer in (("db", "release"), ("kl", "release"), ("ddpo", "ddpo")):
+                extra = ["--epochs", str(epochs), "--timestep-fraction", str(f)]
+                ours, theirs = out / f"dag-{algo}-f{f}-{k}", out / f"{peer}-{algo}-f{f}-{k}"
+                for run in (ours, theirs):
+                    shutil.rmtree(run, ignore_errors=True)
+                subprocess.run([sys.executable, str(script), *t2i_argv(algo, MATCHED[algo], 1), *extra,
+                                "--eval-every", "0", "--out", str(ours)], cwd=ROOT, env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+                peer_algo = ["--algo", algo] if peer == "release" else []
+                main([peer, "--out", str(theirs), *peer_algo, *MATCHED[algo].split(), "--seed", "1", *extra] +
+                     (["--release", str(release)] if peer == "release" else []))
+                for side, run in (("dag.py", ours), (peer, theirs)):
+                    for r in read_jsonl(run / "log.jsonl"):
+                        rows.setdefault(f"{algo} f={f:g} {side}", []).append(
+                            {"rollout": r["rollout_s"] / r.get("trajectories", 32), "train": r["train_s"] / 32})
+    (out / "speed.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| pair | f | dag.py s/traj, rollout + train | peer s/traj, rollout + train | peer / dag.py |",
+             "|---|---|---|---|---|"]
+    for algo, peer in (("db", "release"), ("kl", "release"), ("ddpo", "ddpo")):
+        for f in (1.0, 0.25):
+            med = {side: {part: statistics.median(r[part] for r in rows[f"{algo} f={f:g} {side}"])
+                          for part in ("rollout", "train")} for side in ("dag.py", peer)}
+            total = {side: med[side]["rollout"] + med[side]["train"] for side in med}
+            lines.append(f"| {algo}: dag.py / {'the release' if peer == 'release' else 'TRL'} | {f:g} | "
+                         f"{med['dag.py']['rollout']:.3f} + {med['dag.py']['train']:.3f} | "
+                         f"{med[peer]['rollout']:.3f} + {med[peer]['train']:.3f} | "
+                         f"{total[peer] / total['dag.py']:.2f} |")
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def parity(release, out, trajectories=64, steps=20):
@@ -696,8 +773,9 @@ def main(argv=None):
     s.add_argument("--every", type=int, default=None, help="only epochs divisible by this (and the last)")
     s.add_argument("--name", default=None, help="output file name in the run folder")
     s.add_argument("--no-check", action="store_true", help="skip the check against pipe.load_lora_weights")
-    for name in ("all", "parity"):
-        s = sub.add_parser(name, help="RUNS, then scores" if name == "all" else "rollout reward at theta_0, all three")
+    for name in ("all", "parity", "speed"):
+        s = sub.add_parser(name, help={"all": "dag.py's matched runs and RUNS, then scores", "parity": "rollout reward "
+                                       "at theta_0, all three", "speed": "seconds per trajectory side by side"}[name])
         s.add_argument("--release", type=Path, required=True)
         s.add_argument("--out", type=Path, required=True)
     w = sub.add_parser("_release-worker")
@@ -717,6 +795,8 @@ def main(argv=None):
         run_all(a.release.resolve(), a.out.resolve())
     elif a.command == "parity":
         parity(a.release.resolve(), a.out.resolve())
+    elif a.command == "speed":
+        speed(a.release.resolve(), a.out.resolve())
     elif a.command == "_release-worker":
         release_worker(a.release, a.out)
     else:
