@@ -42,6 +42,7 @@ import dataclasses
 import fcntl
 import gc
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -854,60 +855,6 @@ def set_aside_later(out, start):
         os.replace(p, aside / p.name)
 
 
-# --- Baselines on the same sampler, rewards and loop, with dag_epoch's return shape: DDPO and AlignProp (--algo)
-def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size=32):
-    """DDPO's advantages (Black et al. 2023, arXiv 2305.13301; its aesthetic config's buffer): rewards standardised by
-    the last buffer_size of their prompt's (this batch's included), by the batch's while it has < min_count."""
-    advantages = torch.empty_like(scores)
-    for pid in prompt_ids.unique().tolist():
-        rows = prompt_ids == pid
-        history[pid] = seen = (history.get(pid, []) + scores[rows].tolist())[-buffer_size:]
-        ref = torch.tensor(seen, dtype=scores.dtype) if len(seen) >= min_count else scores.cpu()
-        advantages[rows] = (scores[rows] - ref.mean().item()) / (ref.std(unbiased=False).item() + 1e-6)
-    return advantages
-
-
-def ddpo_loss(m, batch, advantages, args):
-    """DDPO's per-transition loss: PPO's clipped surrogate with the trajectory's advantage (b,)."""
-    log_pf, _ = policy_logprob(m, batch, args)
-    loss = ppo_clip_loss(log_pf, batch.log_pf_rollout, advantages, args.clip_range)
-    return loss, {"loss": loss.detach().mean(), "log_pf": log_pf.detach().mean()}
-
-
-def ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank=0, world=1):
-    """One DDPO epoch: a rollout (terminal rewards only), advantages from the rewards and prompts of ALL ranks
-    (clipped to +-5, DDPO's adv_clip_max), one pass of `ddpo_loss` over K transitions of each trajectory."""
-    t0 = time.time()
-    idx = torch.randint(len(prompts), (args.trajectories,), generator=generators["cpu"])
-    ro = rollout(m, reward_fn, [prompts[i] for i in idx], args, generators["noise"])
-    advantages = per_prompt_advantages(gather(ro.reward), gather(idx.to(m.device)), history).clamp(-5, 5)
-    mine = advantages.view(world, -1)[rank]  # this rank's trajectories
-    order, perm = (v.to(m.device) for v in transition_order(args.trajectories, args.steps, args.timestep_fraction,
-                                                             generators["cpu"]))
-    t1 = time.time()
-    stats = train_epoch(m, ro, order, perm, optimizer, lambda b: ddpo_loss(m, b, mine[b.rows], args), args, rank == 0)
-    return ro.reward, {**stats, "rollout_s": t1 - t0, "train_s": time.time() - t1}
-
-
-def alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank=0):
-    """One AlignProp epoch (Prabhudesai et al. 2023, arXiv 2310.03739) in DAG's batches: -r(decode(x_0)) backpropagated
-    through the decode and the last K = --truncation steps (the first N - K run without grad)."""
-    t0, scores, taken = time.time(), [], []
-    for k in progress(range(args.trajectories // args.train_batch), "alignprop", rank == 0):
-        texts = [prompts[i] for i in torch.randint(len(prompts), (args.train_batch,), generator=generators["cpu"])]
-        x_T = torch.randn((args.train_batch, *m.latent_shape), generator=generators["noise"], device=m.device)
-        x = denoise(m, texts, x_T, args, generator=generators["noise"], grad_steps=args.truncation)
-        reward = reward_fn(checkpoint(decode, m, x, args.train_batch, use_reentrant=False), texts).float()
-        if not reward.requires_grad:
-            die(f"--algo alignprop: reward {args.reward!r} returned no gradient")
-        (-reward.mean() / args.grad_accum).backward()
-        if (k + 1) % args.grad_accum == 0:
-            taken.append(optimizer_step(m, optimizer))
-        scores.append(reward.detach())
-    scores = torch.cat(scores)
-    return scores, {"loss": -scores.mean().item(), "steps_taken": taken, "rollout_s": 0.0, "train_s": time.time() - t0}
-
-
 # --- main: one line for every way a run ends early
 def on_signal(signum, frame):
     """SIGTERM (pre-emption) and Ctrl-C end the run alike; the signals that follow (torchrun's) are ignored."""
@@ -1011,12 +958,12 @@ def train(args, out, rank, world, device):
         if epoch == args.epochs:
             break
         t0 = time.time()
-        if args.algo == "ddpo":
-            scores, stats = ddpo_epoch(m, reward_fn, prompts, optimizer, history, args, generators, rank, world)
-        elif args.algo == "alignprop":
-            scores, stats = alignprop_epoch(m, reward_fn, prompts, optimizer, args, generators, rank)
-        else:
+        if args.algo in ("db", "kl"):
             scores, stats = dag_epoch(m, reward_fn, prompts, optimizer, epoch, cfg, generators, rank == 0)
+        else:  # DDPO and AlignProp on this loop: benchmark/baselines.py, its own state in `history`
+            sys.modules.setdefault("dag", sys.modules[__name__])  # its `import dag` is this module
+            epoch_fn = getattr(importlib.import_module("benchmark.baselines"), f"{args.algo}_epoch")
+            scores, stats = epoch_fn(m, reward_fn, prompts, optimizer, history, args, generators, rank, world)
         scores, taken = gather(scores), stats.pop("steps_taken")
         for ok in taken:
             skipped = 0 if ok else skipped + 1

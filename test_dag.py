@@ -27,6 +27,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 import dag
 import rewards
+from benchmark import baselines
 
 torch.set_num_threads(1)  # tiny models: faster on one thread, and the same numbers as the subprocess runs below
 HERE = Path(__file__).resolve().parent
@@ -1126,7 +1127,7 @@ def test_ddpo_per_prompt_advantages_match_a_brute_force_tracker():
     for batch in range(3):
         prompt_ids = torch.randint(3, (6,), generator=g)
         scores = torch.randn(6, generator=g, dtype=torch.float64)
-        got = dag.per_prompt_advantages(scores, prompt_ids, history, min_count=4, buffer_size=5)
+        got = baselines.per_prompt_advantages(scores, prompt_ids, history, min_count=4, buffer_size=5)
         for pid, r in zip(prompt_ids.tolist(), scores.tolist()):
             seen.setdefault(pid, []).append(r)
         for i, (pid, r) in enumerate(zip(prompt_ids.tolist(), scores.tolist())):
@@ -1143,10 +1144,10 @@ def test_ddpo_step_favours_trajectories_with_positive_advantage_and_resumes_its_
     run restores the per-prompt history and continues to the uninterrupted run's numbers."""
     args, m = load(ddpm_dir, "--algo", "ddpo", "--trajectories", "8", "--train-batch", "8")
     ro = dag.rollout(m, brightness(), [""] * 8, args, generator(42))
-    advantages = dag.per_prompt_advantages(ro.reward, torch.zeros(8, dtype=torch.long), {}, 16, 16)
+    advantages = baselines.per_prompt_advantages(ro.reward, torch.zeros(8, dtype=torch.long), {}, 16, 16)
     batches = [step_batch(ro, j) for j in range(args.steps)]
     for b in batches:
-        dag.ddpo_loss(m, b, advantages[b.rows], args)[0].mean().backward()
+        baselines.ddpo_loss(m, b, advantages[b.rows], args)[0].mean().backward()
     with torch.no_grad():
         for p in m.lora_params:
             p -= 1e-3 * p.grad / (p.grad.norm() + 1e-12)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import dag  # noqa: E402
 import rewards  # noqa: E402
+from benchmark import baselines  # noqa: E402
 from test_dag import save_tiny_sd  # noqa: E402  the tiny SD pipeline of the tests
 
 SD15_GFLOP = {"unet_fwd": 803, "unet_bwd": 910, "vae_decode_fwd": 2515, "reward_fwd": 162, "flow_fwd": 9,
@@ -60,7 +61,7 @@ def per_trajectory(model, algo, fraction, steps=50, trajectories=4):
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     generators = {"noise": torch.Generator().manual_seed(0), "cpu": torch.Generator().manual_seed(0)}
     if algo == "ddpo":
-        dag.ddpo_epoch(m, reward, ["a cat"], optimizer, {}, args, generators)
+        baselines.ddpo_epoch(m, reward, ["a cat"], optimizer, {}, args, generators)
     else:
         dag.dag_epoch(m, reward, ["a cat"], optimizer, 1, args, generators)
     evals = {k: v / trajectories for k, v in sorted(counts.items())}
