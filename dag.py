@@ -636,7 +636,7 @@ def gather(x):  # a (B, ...) tensor from every rank, concatenated; any other obj
     return torch.cat(parts) if tensor else parts
 
 
-# --- Loading: the model (its configs checked before its weights load) and the reward (every output checked)
+# --- Loading: the model, its configs checked before its weights load
 def pipeline_index(model, steps):
     """The pipeline's model_index.json, its scheduler checked (prediction type, --steps) before the weights load."""
     try:
@@ -685,24 +685,6 @@ def load_models(args, device, index):
 def fingerprint(arrays):  # of tensors or strings
     data = (a.encode() + b"\n" if isinstance(a, str) else a.detach().float().cpu().numpy().tobytes() for a in arrays)
     return hashlib.sha1(b"".join(data)).hexdigest()[:16]
-
-
-def checked(reward_fn, name):
-    """The reward with every output checked where it enters: a finite float tensor of shape (B,) on the images'
-    device, else one line naming the reward, what it returned and the fix (a NaN would otherwise reach the weights)."""
-
-    def fn(images, prompts):
-        s, B = reward_fn(images, prompts), len(images)
-        here = torch.is_tensor(s) and s.device == images.device
-        if here and s.shape == (B,) and s.is_floating_point() and bool(torch.isfinite(s).all()):
-            return s
-        got = type(s).__name__ if not torch.is_tensor(s) else f"{s.dtype} tensor of shape {tuple(s.shape)} on " \
-            f"{s.device}" + (f" with {int((~torch.isfinite(s)).sum())} non-finite score(s)" if here else "")
-        die(f"reward {name!r} returned a {got} for {B} images: return one finite float score per image, a tensor of "
-            f"shape ({B},) on the images' device")
-
-    fn.embed = getattr(reward_fn, "embed", None)
-    return fn
 
 
 # --- Evaluation: fixed noise, reward, diversity, image grids
@@ -894,7 +876,7 @@ def main(argv=None):
         if not isinstance(e, dist.DistError) and "by peer" not in str(e):  # gloo: "Connection closed by peer"
             tqdm.write(f"dag.py: error: rank {rank} failed: {e.__class__.__name__}: {' '.join(str(e).split())[:300]} "
                        f"({Path(frame.filename).name}:{frame.lineno}; traceback: {detail})", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(2 if isinstance(e, rewards.RewardError) else 1)  # a reward returning junk: a mistake
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -918,7 +900,7 @@ def train(args, out, rank, world, device):
         prompts, eval_prompts = [""], [""]
         if "text_encoder" in index:
             prompts, eval_prompts = rewards.task_prompts(args.reward, args.prompts, args.eval_prompts)
-        reward_fn = checked(rewards.load(args.reward, device), args.reward)
+        reward_fn = rewards.load(args.reward, device)  # every output checked (rewards.checked)
     except (ImportError, OSError, ValueError) as e:
         die(e)
     m = load_models(args, device, index)

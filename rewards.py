@@ -358,8 +358,31 @@ REWARDS = {
 DIFFERENTIABLE = {"aesthetic", "imagereward", "hpsv2", "pickscore"}  # usable by reward backpropagation
 
 
+class RewardError(ValueError):
+    """A reward output that training must not use; dag.py ends the run with its message (exit status 2)."""
+
+
+def checked(reward_fn, name):
+    """The reward with every output checked where it enters: a finite float tensor of shape (B,) on the images'
+    device, else RewardError naming the reward, what it returned and the fix (a NaN would otherwise reach weights)."""
+
+    def fn(images, prompts):
+        s, B = reward_fn(images, prompts), len(images)
+        here = torch.is_tensor(s) and s.device == images.device
+        if here and s.shape == (B,) and s.is_floating_point() and bool(torch.isfinite(s).all()):
+            return s
+        got = type(s).__name__ if not torch.is_tensor(s) else f"{s.dtype} tensor of shape {tuple(s.shape)} on " \
+            f"{s.device}" + (f" with {int((~torch.isfinite(s)).sum())} non-finite score(s)" if here else "")
+        raise RewardError(f"reward {name!r} returned a {got} for {B} images: return one finite float score per image, "
+                          f"a tensor of shape ({B},) on the images' device")
+
+    fn.embed = getattr(reward_fn, "embed", None)
+    return fn
+
+
 def load(name, device="cpu"):
-    """A reward fn from a registry name or from `module:function` (a factory taking `device=`)."""
+    """A reward fn, its outputs checked (`checked`), from a registry name or from `module:function` (a factory taking
+    `device=`)."""
     if ":" in name:
         module, _, attr = name.partition(":")
         try:
@@ -375,10 +398,10 @@ def load(name, device="cpu"):
             raise ValueError(f"{name!r} is not {shape}: calling it with device= raised TypeError ({e})") from e
         if not callable(fn):
             raise ValueError(f"{name!r}(device=...) returned a {type(fn).__name__}, not fn(images, prompts)")
-        return fn
+        return checked(fn, name)
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}: choose from {', '.join(REWARDS)} or give module:function")
-    return REWARDS[name](device=device)
+    return checked(REWARDS[name](device=device), name)
 
 
 # --------------------------------------------------------------------------------------------------------------------

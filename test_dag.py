@@ -701,7 +701,7 @@ def test_torchrun_two_processes_stay_in_sync_and_say_which_rank_failed(sd_dir, t
     evals = dag.read_jsonl(run / "eval.jsonl")
     assert [r["epoch"] for r in evals] == [0, 2] and (run / "eval-0002.png").is_file()
     args, m = load(sd_dir, *eval_flags)  # the same initial weights in one process: the same fixed-noise evaluation
-    record, _ = dag.evaluate(m, dag.checked(brightness(), "brightness"), ["cat", "a fox", "bee"], args, 0, 1)
+    record, _ = dag.evaluate(m, rewards.checked(brightness(), "brightness"), ["cat", "a fox", "bee"], args, 0, 1)
     assert evals[0]["eval_reward_per_prompt"] == pytest.approx(record["eval_reward_per_prompt"], abs=1e-5)
 
     proc = run_script(cli(sd_dir, tmp_path / "fails", "--epochs", "2", "--reward", "test_dag:raises_on_rank_1"), nproc=2)
@@ -1219,7 +1219,7 @@ def test_alignprop_raises_a_pixel_reward_on_fixed_eval_noise(ddpm_dir, tmp_path)
 
 def test_evaluation_noise_is_fixed_and_the_images_follow_the_policy(sd_dir):
     args, m = load(sd_dir, "--eval-samples", "3")
-    fn, prompts = dag.checked(dark_reward, "dark"), ["cat", "a fox"]
+    fn, prompts = rewards.checked(dark_reward, "dark"), ["cat", "a fox"]
     first, (images, labels, scores) = dag.evaluate(m, fn, prompts, args, 0, 1)
     second, (images_again, _, scores_again) = dag.evaluate(m, fn, prompts, args, 0, 1)
     assert torch.equal(images, images_again) and scores == scores_again and first == second  # bitwise on CPU

@@ -175,7 +175,7 @@ def digit_samples(model, n=64, steps=20, checkpoint=None):
     if checkpoint is not None:
         state = torch.load(Path(checkpoint) / "training_state.pt", map_location="cpu", weights_only=True)
         dag.set_peft_model_state_dict(m.unet, state["lora"])
-    no_reward = dag.checked(lambda images, prompts: images.new_zeros(len(images)), "none")
+    no_reward = dag.rewards.checked(lambda images, prompts: images.new_zeros(len(images)), "none")
     _, (images, _, _) = dag.evaluate(m, no_reward, [""], args, 0, 1)
     return images
 

@@ -601,7 +601,7 @@ def score(run, every=None, name=None, check=True):
     args.lora_rank, args.algo = ranks.pop(), "ddpo"  # no flow net
     torch.manual_seed(0)
     m = dag.load_models(args, torch.device("cpu"), dag.pipeline_index(args.model, args.steps))
-    reward = dag.checked(named_digit(), "named_digit")
+    reward = dag.rewards.checked(named_digit(), "named_digit")
     eval_prompts = dag.rewards.task_prompts(args.reward, args.prompts, args.eval_prompts)[1]
     labels = [p for p in eval_prompts for _ in range(args.eval_samples)]
     lora_keys = set(dag.get_peft_model_state_dict(m.unet))

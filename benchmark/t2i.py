@@ -303,7 +303,7 @@ def samples(run, checkpoint=None):
         state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
         dag.set_peft_model_state_dict(m.unet, state["lora"])
     prompts = dag.rewards.task_prompts(args.reward, args.prompts, args.eval_prompts)[1]
-    record, (images, _, _) = dag.evaluate(m, dag.checked(named_digit(), "named_digit"), prompts, args, 0, 1)
+    record, (images, _, _) = dag.evaluate(m, dag.rewards.checked(named_digit(), "named_digit"), prompts, args, 0, 1)
     return record, images, [p for p in prompts for _ in range(args.eval_samples)]
 
 
