@@ -30,7 +30,8 @@ the last rollout's policy, which itself moves; DAG-KL's PPO clip), not the fixed
 Usage:
     torchrun --nproc_per_node=8 dag.py --reward aesthetic       # the paper's aesthetic run: SD-1.5, 100 epochs
     python dag.py --reward aesthetic --trajectories 512 --grad-accum 32     # one GPU, the batches of 8 GPUs
-    python dag.py --algo kl ...       # DAG-KL; --algo ddpo and --algo alignprop are the baselines on the same loop
+    python dag.py --algo kl ...       # DAG-KL; --algo ddpo / alignprop: the baselines (benchmark/baselines.py)
+    python dag.py --model benchmark/models/digits-ddpm --reward benchmark.digits:digit3 ...   # a CPU run: README
 
 Shapes: B trajectories (b in a micro-batch), N denoising steps, K trained transitions per trajectory, C/H/W channels,
 height and width of a state (SD: latents 4x64x64), L text tokens, E text width.
@@ -497,10 +498,6 @@ def optimizer_step(m, optimizer, max_grad_norm=1.0):
     return finite
 
 
-def progress(iterable, desc, show):  # a bar on a terminal (rank 0's), none in a redirected log
-    return tqdm(iterable, desc=desc, leave=False, disable=not show or not sys.stderr.isatty())
-
-
 def train_epoch(m, ro, order, perm, optimizer, loss_fn, cfg, show_progress=False):
     """One pass over a rollout: for each micro-batch of train_batch trajectories (in `order`), for j in 0..K-1,
     backward loss_fn(transition perm[i, j] of each trajectory i).mean() / (grad_accum * K); an optimizer step every
@@ -508,7 +505,8 @@ def train_epoch(m, ro, order, perm, optimizer, loss_fn, cfg, show_progress=False
     epoch, and steps_taken: one bool per optimizer step (False: skipped, its gradient was not finite)."""
     K = perm.shape[1]
     stats, taken = [], []
-    for k, i in enumerate(progress(range(0, len(order), cfg.train_batch), "train", show_progress)):
+    bar = not show_progress or not sys.stderr.isatty()  # a bar on a terminal (rank 0's), none in a redirected log
+    for k, i in enumerate(tqdm(range(0, len(order), cfg.train_batch), "train", leave=False, disable=bar)):
         rows = order[i : i + cfg.train_batch]
         for j in range(K):
             loss, s = loss_fn(ro.transitions(rows, perm[rows, j]))
@@ -587,16 +585,17 @@ def check_args(args):
     """Flag values and batch arithmetic, before anything heavy loads: the first problem found is one line. -> args"""
     a, v = args, {**vars(args), "flow_lr": 1 if args.flow_lr is None else args.flow_lr, "kl_coef": args.kl_coef or 0}
     counts = ("steps", "epochs", "trajectories", "train_batch", "grad_accum", "save_every", "lora_rank", "truncation")
-    problems = [f"--{n} must be >= 1" for n in counts if v[n] < 1]
-    problems += [f"--{n} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range") if not 0 < v[n] < 1e99]
-    problems += [f"--{n} must be finite, >= 0" for n in ("reward_exp", "kl_coef", "unetreg") if not 0 <= v[n] < 1e99]
+    fl = {n: "--" + n.replace("_", "-") for n in v}
+    problems = [f"{fl[n]} must be >= 1" for n in counts if v[n] < 1]
+    problems += [f"{fl[n]} must be finite, > 0" for n in ("lr", "flow_lr", "clip_range") if not 0 < v[n] < 1e99]
+    problems += [f"{fl[n]} must be finite, >= 0" for n in ("reward_exp", "kl_coef", "unetreg") if not 0 <= v[n] < 1e99]
     problems += [message for bad, message in [
         (a.reward not in rewards.REWARDS and ":" not in a.reward,
          f"unknown reward {a.reward!r}: choose from {', '.join(rewards.REWARDS)} or give module:function"),
         (not 1 <= a.guidance_scale < 1e99, "--guidance-scale must be finite, >= 1 (1: the conditional branch alone; "
          "diffusers' pipe(...) samples any w <= 1 that way, so a LoRA trained at w < 1 would be sampled apart)"),
         (not 0 < a.eta <= 1, "--eta must be in (0, 1]: 0 has no density, > 1 can leave the DDIM mean undefined"),
-        (not 0 < a.timestep_fraction <= 1, "--timestep_fraction must be in (0, 1]"),
+        (not 0 < a.timestep_fraction <= 1, "--timestep-fraction must be in (0, 1]"),
         (not problems and a.trajectories % (a.train_batch * a.grad_accum), f"--trajectories {a.trajectories} is not "
          f"a multiple of --train-batch {a.train_batch} x --grad-accum {a.grad_accum}"),
         (a.eval_every < 0 or a.eval_every and a.eval_samples < 2, "--eval-every must be >= 0 and, with evaluations, "
@@ -604,29 +603,15 @@ def check_args(args):
         (a.algo == "kl" and a.train_batch < 2, "--algo kl needs --train-batch >= 2 (leave-one-out baseline)"),
         (a.algo in ("db", "kl") and a.anneal and a.epochs < 2,
          "--epochs 1 with annealing trains at beta = 0 only, without the reward: use --epochs >= 2 or --no-anneal"),
-        (a.algo == "alignprop" and ":" not in a.reward and a.reward not in rewards.DIFFERENTIABLE,
-         f"--algo alignprop needs a differentiable reward: {', '.join(sorted(rewards.DIFFERENTIABLE))} or your own"),
-        (a.algo == "alignprop" and a.timestep_fraction != 1, "--timestep-fraction is for db, kl and ddpo"),
-        (a.truncation > a.steps, "--truncation must be <= --steps"),
         (len(a.flow_channels) < 2 or any(c < 32 or c % 32 for c in a.flow_channels), "--flow-channels needs at least "
          "2 widths (every block but the last cross-attends to the prompt), each a multiple of 32"),
-    ] if bad]
+    ] if bad] + (importlib.import_module("benchmark.baselines").problems(a) if a.algo in ("ddpo", "alignprop") else [])
     if problems:
-        die(problems[0].replace("_", "-") if problems[0].startswith("--") else problems[0])
+        die(problems[0])
     return args
 
 
-# --- Distributed helpers (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything is rank 0 of 1)
-def setup_distributed():  # -> (rank, world_size, device)
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-
-
+# --- Distributed (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is rank 0 of 1): gather
 def gather(x):  # a (B, ...) tensor from every rank, concatenated; any other object: [rank 0's, rank 1's, ...]
     if not dist.is_initialized():
         return x if torch.is_tensor(x) else [x]
@@ -654,9 +639,10 @@ def pipeline_index(model, steps):
 
 
 def load_models(args, device, index):
-    """-> Models: the pipeline's networks, LoRA on the UNet, a flow net for DAG. NOTE: precision on CUDA: bf16 frozen
-    weights, the UNet under bf16 autocast, the rest fp32 (LoRA, flow, stored states), no GradScaler; the release's
-    differs (README). On the CPU everything is fp32."""
+    """-> Models: the pipeline's networks, LoRA on the UNet, a flow net for DAG. NOTE: on CUDA, bf16 frozen weights and
+    the UNet under bf16 autocast, the rest fp32 (LoRA, flow, stored states), no GradScaler; the release runs the UNet in
+    bf16 without autocast (train_gfn.py:169-177), the flow under bf16 autocast (:199, :525), stores bf16 latents and
+    scales the loss with a GradScaler (:130-132). On the CPU everything is fp32."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
     try:
@@ -846,6 +832,7 @@ def on_signal(signum, frame):
 
 
 def main(argv=None):
+    sys.modules.setdefault("dag", sys.modules[__name__])  # benchmark/baselines.py's `import dag` is this module
     args = check_args(parse_args(argv))
     out, lock = Path(args.out), None
     if int(os.environ.get("RANK", 0)) == 0:  # rank 0's claim on --out, before anything heavy
@@ -860,7 +847,12 @@ def main(argv=None):
         for stale in out.glob(".tmp-*"):  # a write that a kill interrupted
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    rank, world, device = setup_distributed()
+    rank, world, cuda = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if "RANK" in os.environ:  # NCCL on GPUs (each process on its LOCAL_RANK's), gloo on the CPU
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
     try:
         train(args, out, rank, world, device)
     except KeyboardInterrupt as e:
@@ -943,7 +935,6 @@ def train(args, out, rank, world, device):
         if args.algo in ("db", "kl"):
             scores, stats = dag_epoch(m, reward_fn, prompts, optimizer, epoch, cfg, generators, rank == 0)
         else:  # DDPO and AlignProp on this loop: benchmark/baselines.py, its own state in `history`
-            sys.modules.setdefault("dag", sys.modules[__name__])  # its `import dag` is this module
             epoch_fn = getattr(importlib.import_module("benchmark.baselines"), f"{args.algo}_epoch")
             scores, stats = epoch_fn(m, reward_fn, prompts, optimizer, history, args, generators, rank, world)
         scores, taken = gather(scores), stats.pop("steps_taken")
@@ -959,7 +950,7 @@ def train(args, out, rank, world, device):
         if args.algo in ("db", "kl"):  # beta x the reward's spread: how far the reward can move the flows
             record["beta_reward_std"] = stats["reward_exp"] * record["reward_std"]
             # the final beta x std(r) of the base model's rewards (a run's first epoch): 10-1000 is where DAG learned
-            if rank == 0 and epoch == start and not 10 <= args.reward_exp * record["reward_std"] <= 1000:
+            if rank == 0 and epoch == 0 and not 10 <= args.reward_exp * record["reward_std"] <= 1000:
                 tqdm.write(f"dag.py: warning: --reward-exp {args.reward_exp:g} x std(r) {record['reward_std']:.3g} is "
                            "outside 10-1000, where DAG learned in our runs (README: choosing beta)", file=sys.stderr)
         if device.type == "cuda":

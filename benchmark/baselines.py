@@ -10,12 +10,25 @@ and advantage clip 5; AlignProp backpropagates through a fixed last K = --trunca
 batch).
 """
 
+import sys
 import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 import dag
+import rewards
+
+
+def problems(args):
+    """The baselines' own flag mistakes, for dag.check_args (each one line before anything loads)."""
+    return [message for bad, message in [
+        (args.algo == "alignprop" and ":" not in args.reward and args.reward not in rewards.DIFFERENTIABLE,
+         f"--algo alignprop needs a differentiable reward: {', '.join(sorted(rewards.DIFFERENTIABLE))} or your own"),
+        (args.algo == "alignprop" and args.timestep_fraction != 1, "--timestep-fraction is for db, kl and ddpo"),
+        (args.truncation > args.steps, "--truncation must be <= --steps"),
+    ] if bad]
 
 
 def per_prompt_advantages(scores, prompt_ids, history, min_count=16, buffer_size=32):
@@ -57,7 +70,8 @@ def alignprop_epoch(m, reward_fn, prompts, optimizer, history, args, generators,
     """One AlignProp epoch (Prabhudesai et al. 2023, arXiv 2310.03739) in DAG's batches: -r(decode(x_0)) backpropagated
     through the decode and the last K = --truncation steps (the first N - K run without grad)."""
     t0, scores, taken = time.time(), [], []
-    for k in dag.progress(range(args.trajectories // args.train_batch), "alignprop", rank == 0):
+    bar = rank != 0 or not sys.stderr.isatty()
+    for k in tqdm(range(args.trajectories // args.train_batch), "alignprop", leave=False, disable=bar):
         texts = [prompts[i] for i in torch.randint(len(prompts), (args.train_batch,), generator=generators["cpu"])]
         x_T = torch.randn((args.train_batch, *m.latent_shape), generator=generators["noise"], device=m.device)
         x = dag.denoise(m, texts, x_T, args, generator=generators["noise"], grad_steps=args.truncation)
