@@ -78,11 +78,10 @@ import rewards
 # --- DDIM transition log-probs (Song et al. 2021, Eq. 12, sigma_t = eta * sigma). Conventions a copier must keep: the
 # --- model predicts epsilon (v is converted), log-probs are MEANS over dimensions, the schedule has steps_offset=1.
 def ddim_scheduler(config, steps):
-    """A DDIMScheduler from any diffusers scheduler config, set to `steps` inference steps.
-
-    NOTE: "leading" spacing with steps_offset=1 gives t = 981, 961, ..., 1 (N = 50) for SD and the CIFAR-10 DDPM alike;
-    the DDPM's own config (offset 0, set_alpha_to_one) ends on a step from t = 0 to t = 0 with zero variance, whose
-    log-prob is 0/0. clip_sample and prediction_type are kept from the config (CIFAR: clip; SD: no clip)."""
+    """A DDIMScheduler from any diffusers scheduler config, set to `steps` inference steps. NOTE: "leading" spacing with
+    steps_offset=1 gives t = 981, 961, ..., 1 (N = 50) for SD and the CIFAR-10 DDPM alike; the DDPM's own config (offset
+    0, set_alpha_to_one) ends on a step from t = 0 to t = 0 with zero variance, whose log-prob is 0/0. clip_sample and
+    prediction_type are kept from the config (CIFAR: clip; SD: no clip)."""
     scheduler = DDIMScheduler.from_config(config, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     scheduler.set_timesteps(steps)
     return scheduler
@@ -109,13 +108,10 @@ def gaussian_logprob(x, mean, std):
 def model_output_to_eps(scheduler, output, t, x_t):
     """The UNet's output as an epsilon prediction: unchanged for "epsilon" models (SD-1.x, the CIFAR DDPM). NOTE: for
     "v_prediction" models (SD-2.x 768) eps = sqrt(a_t) v + sqrt(1 - a_t) x_t. Other types raise ValueError."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return output
-    if kind == "v_prediction":
-        a_t, _ = alphas_at(scheduler, t, x_t)
-        return a_t.sqrt() * output + (1 - a_t).sqrt() * x_t
-    raise ValueError(f"prediction_type {kind!r} is not supported (only 'epsilon' and 'v_prediction')")
+    kind, (a_t, _) = scheduler.config.prediction_type, alphas_at(scheduler, t, x_t)
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {kind!r} is not supported (only 'epsilon' and 'v_prediction')")
+    return output if kind == "epsilon" else a_t.sqrt() * output + (1 - a_t).sqrt() * x_t
 
 
 def predict_x0(scheduler, eps, t, x_t):
@@ -157,13 +153,12 @@ def backward_logprob(scheduler, t, x_t, x_child):
 
 # --- Flow network F_phi(x_t, t, c) -> (B,) (release: ConditionalFlow, alignment/flow.py), from diffusers' blocks
 class FlowNet(nn.Module):
-    """Time-conditioned conv encoder with cross-attention to the prompt, pooled to one scalar per state.
-
-    timestep -> sinusoid(c0) -> MLP(4 c0); conv_in 3x3 -> one down block per entry of `channels` (each halves H and W;
-    all but the last cross-attend to the L x E text states when `cross_attention_dim` is set) -> mean over positions
-    -> Linear. The default channels are the release's (6,452,993 params at SD-1.5 shapes); a small model takes a
-    small flow (--flow-channels). NOTE: the release pools with AvgPool2d(4) (flow.py:135), the global mean for 64x64
-    latents; the global mean here equals it there and works at any size."""
+    """Time-conditioned conv encoder with cross-attention to the prompt, pooled to one scalar per state: timestep ->
+    sinusoid(c0) -> MLP(4 c0); conv_in 3x3 -> one down block per entry of `channels` (each halves H and W; all but the
+    last cross-attend to the L x E text states when `cross_attention_dim` is set) -> mean over positions -> Linear. The
+    default channels are the release's (6,452,993 params at SD-1.5 shapes); a small model takes a small flow
+    (--flow-channels). NOTE: the release pools with AvgPool2d(4) (flow.py:135), the global mean for 64x64 latents; the
+    global mean here equals it there and works at any size."""
 
     def __init__(self, in_channels=4, cross_attention_dim=768, channels=(64, 128, 256, 256)):
         super().__init__()
@@ -235,10 +230,9 @@ class Transitions:
 
 # --- DAG objectives: pure functions of (b,) tensors (log_flows: of a flow module and a micro-batch), copyable alone
 def reward_exp_at(epoch, num_epochs, reward_exp, anneal=True):
-    """beta_e = reward_exp * min(1, e / (num_epochs / 2)), linear over the first half (train_gfn.py:252-256).
-
-    At e = 0 beta is 0: the flow learns without the reward, and theta still learns toward a sampler whose flows
-    balance with log R = 0 (through the DB residual, or DAG-KL's policy term)."""
+    """beta_e = reward_exp * min(1, e / (num_epochs / 2)), linear over the first half (train_gfn.py:252-256). At e = 0
+    beta is 0: the flow learns without the reward, and theta still learns toward a sampler whose flows balance with log
+    R = 0 (through the DB residual, or DAG-KL's policy term)."""
     return float(reward_exp) * (min(1.0, epoch / (0.5 * num_epochs)) if anneal else 1.0)
 
 
@@ -287,11 +281,10 @@ def ppo_clip_loss(log_pf, log_pf_rollout, advantages, clip_range):
 
 def kl_loss(log_flow, log_pf, log_pb, log_flow_child, log_pf_rollout, clip_range=1e-4, adv_clip_max=5.0):
     """DAG-KL, the release's form of the paper's KL gradient (train_gfn.py:552-577) -> (loss_flow, loss_policy), (b,).
-    No KL divergence is computed: these are the two losses whose gradients DAG-KL follows.
-
-    loss_flow trains phi only: the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped
-    REINFORCE step with advantage a = -residual. Per sample grad_theta residual^2 / 2 = residual * grad_theta log
-    p_theta, so this is DAG-DB's theta-gradient plus a baseline, a normalisation, clipping and a ratio."""
+    No KL divergence is computed: these are the two losses whose gradients DAG-KL follows. loss_flow trains phi only:
+    the DB residual with log p_theta detached. loss_policy trains theta only: a PPO-clipped REINFORCE step with
+    advantage a = -residual. Per sample grad_theta residual^2 / 2 = residual * grad_theta log p_theta, so this is
+    DAG-DB's theta-gradient plus a baseline, a normalisation, clipping and a ratio."""
     loss_flow = (log_flow + log_pf.detach() - log_pb - log_flow_child) ** 2
     advantages = leave_one_out_advantages((log_flow_child + log_pb - log_pf - log_flow).detach(), adv_clip_max)
     return loss_flow, ppo_clip_loss(log_pf, log_pf_rollout, advantages, clip_range)
@@ -300,9 +293,8 @@ def kl_loss(log_flow, log_pf, log_pb, log_flow_child, log_pf_rollout, clip_range
 # --- What the DAG path reads: the run's settings (the harness fills them from the command line) and its networks
 @dataclasses.dataclass
 class Config:
-    """The settings of the DAG path; dag.py's flags of the same names set them. Defaults, per process: the paper's
-    training details (50 DDIM steps, CFG 5, beta 100 annealed over the first half of 100 epochs) and, where it is
-    silent, the release's config/sd.yaml."""
+    """The DAG path's settings, set by dag.py's flags of the same names. Defaults, per process: the paper's training
+    details (50 DDIM steps, CFG 5, beta 100 annealed over half of 100 epochs), else the release's config/sd.yaml."""
 
     algo: str = "db"  # "db" (DAG-DB) or "kl" (DAG-KL)
     steps: int = 50  # N, DDIM steps
@@ -334,10 +326,7 @@ class Models:
     text_encoder: nn.Module | None = None  # None for an unconditional model
     tokenizer: object = None
     uncond: torch.Tensor | None = None  # (1, L, E) text states of "", CFG's negative prompt
-
-    @property
-    def conditional(self):
-        return self.text_encoder is not None
+    conditional: bool = False  # a text-to-image model: a text encoder, CFG
 
     @property
     def lora_params(self):
@@ -359,12 +348,9 @@ def encode_prompts(m, prompts):
 def predict_eps(m, x_t, t, text, guidance):
     """-> (eps_hat (B, C, H, W) fp32, eps_text): eps_hat = eps_u + w (eps_c - eps_u). NOTE: at w = 1 that is eps_c and
     the conditional branch runs alone, one UNet row per sample, as in diffusers' pipelines; the release's training
-    forward runs both branches at any w (train_gfn.py:490-500).
-
-    The same function runs at rollout and in the training forward, on batches of equal shape (`predict_eps_chunked`),
-    so an unchanged theta reproduces the rollout's log-probs bitwise (the DAG-KL ratio is exactly 1, unetreg exactly
-    0, until the first optimizer step). The UNet stays in eval mode; SD's has no dropout or batch-norm, so the
-    release's train mode (train_gfn.py:462) computes the same."""
+    forward runs both branches at any w (train_gfn.py:490-500). The rollout and the training forward both call it (see
+    `predict_eps_chunked`). The UNet stays in eval mode; SD's has no dropout or batch-norm, so the release's train mode
+    (train_gfn.py:462) computes the same."""
     x = x_t.to(m.dtype)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.dtype == torch.bfloat16):  # LoRA weights stay fp32
         if not m.conditional or guidance == 1:
@@ -378,8 +364,7 @@ def predict_eps(m, x_t, t, text, guidance):
 
 
 def decode(m, x0, chunk):
-    """Latent (or pixel) x0 -> RGB in [0, 1], fp32; the VAE decodes `chunk` images at a time. Differentiable when the
-    caller enables grad (AlignProp); the rollout and evaluation call it under no_grad."""
+    """Latent (or pixel) x0 -> RGB in [0, 1], fp32, the VAE decoding `chunk` images at a time (differentiable)."""
     if m.vae is not None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.dtype == torch.bfloat16):
             x0 = torch.cat([m.vae.decode(c.to(m.dtype) / m.vae.config.scaling_factor).sample for c in x0.split(chunk)])
@@ -389,7 +374,8 @@ def decode(m, x0, chunk):
 # --- Rollout: sample trajectories with the current policy; score the states training will read
 def predict_eps_chunked(m, x_t, t, text, guidance, chunk):
     """predict_eps on `chunk` rows at a time; the rollout passes train_batch, the training forward's batch size: kernels
-    depend on the batch size, and equal shapes make an unchanged theta reproduce eps bitwise."""
+    depend on the batch size, and equal shapes make an unchanged theta reproduce eps and log_pf bitwise (DAG-KL's
+    ratio is exactly 1, unetreg exactly 0, until the first optimizer step)."""
     rows = [slice(i, i + chunk) for i in range(0, len(x_t), chunk)]
     parts = [predict_eps(m, x_t[r], t[r], None if text is None else text[r], guidance) for r in rows]
     return tuple(torch.cat(p) for p in zip(*parts))
@@ -418,12 +404,11 @@ def rollout(m, reward_fn, prompts, cfg, generator):
 @torch.no_grad()
 def score_states(m, reward_fn, ro, scored, chunk):
     """The forward-looking reward r(decode(x0_pred)) of the states marked in `scored` ((B, N + 1) bool: the states the
-    trained transitions read), written into ro.state_reward; the others stay NaN, so reading one is loud.
-
-    NOTE: computed once per state, with the rollout's theta, from the text-branch eps of the CFG forward. The release
-    recomputes it in the training loop, twice per transition (train_gfn.py:530-543), with the current theta: the
-    values agree until the epoch's first optimizer step; after it they are stale here by up to
-    trajectories / (train_batch * grad_accum) - 1 optimizer steps (1 in the release's configuration)."""
+    trained transitions read), written into ro.state_reward; the others stay NaN, so reading one is loud. NOTE: computed
+    once per state, with the rollout's theta, from the text-branch eps of the CFG forward. The release recomputes it in
+    the training loop, twice per transition (train_gfn.py:530-543), with the current theta: the values agree until the
+    epoch's first optimizer step; after it they are stale here by up to trajectories / (train_batch * grad_accum) - 1
+    optimizer steps (1 in the release's configuration)."""
     for j in range(ro.x0_pred.shape[1]):
         marked = scored[:, j].nonzero().squeeze(1)
         for rows in (marked[i : i + chunk] for i in range(0, len(marked), chunk)):
@@ -574,8 +559,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def die(message, status=2, rank=0):
-    """A user mistake (2) or a failure (1): one line on stderr (rank 0's, when every rank has it), no traceback."""
+def die(message, status=2, rank=0):  # a user mistake (2) or a failure (1): one line on stderr (rank 0's), no traceback
     if rank == 0:
         tqdm.write(f"dag.py: error: {' '.join(str(message).split())}", file=sys.stderr)  # a line of its own
     raise SystemExit(status)
@@ -660,7 +644,7 @@ def load_models(args, device, index):
     m = Models(unet.eval(), ddim_scheduler(pipe.scheduler.config, args.steps), None, (c, size, size), device, dtype)
     if "text_encoder" in index:
         m.vae, m.text_encoder = (net.to(device).requires_grad_(False) for net in (pipe.vae, pipe.text_encoder))
-        m.tokenizer = pipe.tokenizer
+        m.tokenizer, m.conditional = pipe.tokenizer, True
         m.uncond = encode_prompts(m, [""])
     if args.algo in ("db", "kl"):
         text_width = m.text_encoder.config.hidden_size if m.conditional else None
