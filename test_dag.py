@@ -661,9 +661,15 @@ def test_gradients_are_averaged_over_the_ranks_not_summed(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_a_run_writes_its_log_evaluations_and_checkpoints(ddpm_dir, tmp_path):
+def test_a_run_writes_its_log_evaluations_and_checkpoints(ddpm_dir, tmp_path, capsys):
+    """A tiny run's log, evaluations, grids and checkpoints; beta x std(r) logged every epoch, and one warning when the
+    final beta x the base model's reward spread is far from where DAG learned (these tiny noise images' JPEG sizes
+    barely vary: 100 x ~0.01 kB)."""
     dag.main(cli(ddpm_dir, tmp_path, "--epochs", "2", "--algo", "kl", "--eval-every", "1", "--eval-samples", "3"))
     log, evals = dag.read_jsonl(tmp_path / "log.jsonl"), dag.read_jsonl(tmp_path / "eval.jsonl")
+    assert [r["beta_reward_std"] for r in log] == pytest.approx([r["reward_exp"] * r["reward_std"] for r in log])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dag.py: warning")]
+    assert len(warnings) == 1 and "--reward-exp 100 x std(r)" in warnings[0] and "is outside" in warnings[0], warnings
     assert [r["epoch"] for r in log] == [0, 1] and [r["epoch"] for r in evals] == [0, 1, 2]
     assert all(math.isfinite(r[k]) for r in log for k in ("loss", "log_pf", "log_flow", "reward_mean", "unetreg"))
     assert log[0]["reward_exp"] == 0 and log[1]["reward_exp"] == 100 and log[0]["skipped_steps"] == 0
