@@ -495,6 +495,18 @@ def test_the_scored_x0_prediction_is_the_text_branchs_not_the_guided_one(sd_dir)
         assert (ro.x0_pred[:, j] - dag.predict_x0(m.scheduler, ro.eps[:, j], t, x_t)).abs().max() > 1e-3
 
 
+def test_the_dag_path_runs_from_its_own_config_without_the_harness(sd_dir):
+    """dag_epoch with a Config built by hand (no command line, no harness function): one epoch trains both nets."""
+    _, m = load(sd_dir)
+    cfg = dag.Config(steps=4, trajectories=4, train_batch=2, grad_accum=1, epochs=2, reward_exp=5.0)
+    before = [p.detach().clone() for p in m.lora_params + m.flow_params]
+    optimizer = torch.optim.AdamW(m.lora_params + m.flow_params, lr=1e-2)
+    generators = {"noise": generator(1), "cpu": generator(2)}
+    scores, stats = dag.dag_epoch(m, dark_reward, ["cat", "dog"], optimizer, 1, cfg, generators)
+    assert scores.shape == (4,) and stats["reward_exp"] == 5.0 and stats["steps_taken"] == [True, True]
+    assert all(not torch.equal(a, b) for a, b in zip(before, m.lora_params + m.flow_params) if b.ndim > 1)
+
+
 def test_log_flows_shift_the_child_reward_and_pin_the_boundary():  # SPEC 2
     """Both ends of the forward-looking flow: the reward of state j and of state j + 1, and at the last step the
     child is x_0 with log F = beta * r(x_0) and no F_phi term."""
