@@ -761,6 +761,70 @@ def parity(release, out, trajectories=64, steps=20):
               f"  (rollout {r['rollout_s']:.1f} s, train {r['train_s']:.1f} s)")
 
 
+def report(out, threshold=0.8):
+    """OUT/table.md and OUT/curves.png: each pair (dag.py beside the release's DAG-DB and DAG-KL, and beside TRL's
+    DDPO) at SEEDS, scored by one evaluator (dag.evaluate on the same fixed noise; digit accuracy read from the
+    samples), with the speed table of `speed` if it ran."""
+    from PIL import Image, ImageDraw
+
+    from benchmark.digits import mean_std, nice_ticks
+    from benchmark.t2i import evaluations
+
+    def evals(run):  # [(epoch, eval r, digit accuracy)] of a dag.py run (its grids) or a peer run (its `score`)
+        rows = evaluations(run) if (run / "eval-0000.png").exists() else read_jsonl(run / "eval.jsonl")
+        return [(r["epoch"], r["eval_reward_mean"], r["digit_acc"]) for r in rows]
+
+    pairs = [("DAG-DB", "dag-db", "release-db", "the release"), ("DAG-KL", "dag-kl", "release-kl", "the release"),
+             ("DDPO", "dag-ddpo", "trl-ddpo", "TRL")]
+    lines = ["| algorithm | code | eval r, final | digit acc, final | trajectories to digit acc ≥ "
+             f"{threshold} | seeds |", "|---|---|---|---|---|---|"]
+    curves = {}
+    for algo, ours, theirs, who in pairs:
+        for prefix, label in ((ours, "dag.py"), (theirs, who)):
+            runs = [out / f"{prefix}-seed{s}" for s in SEEDS if (out / f"{prefix}-seed{s}" / "wall.json").exists()]
+            if not runs:
+                continue
+            ev = [evals(run) for run in runs]
+            reach = [next((str(e * 32) for e, _, acc in rows if acc >= threshold), "no") for rows in ev]
+            lines.append(f"| {algo} | {label} | {mean_std([rows[-1][1] for rows in ev])} | "
+                         f"{mean_std([rows[-1][2] for rows in ev])} | {', '.join(reach)} | {len(runs)} |")
+            curves[f"{algo}, {label}"] = [(rows[0][0] * 32, sum(r[j][2] for r in ev) / len(ev))
+                                          for j, rows in enumerate(zip(*ev))]
+    if (out / "speed.md").exists():
+        lines += ["", "Seconds per trajectory, one thread, side by side (`speed`; medians of every epoch):", "",
+                  *(out / "speed.md").read_text().splitlines()]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    W, H, colours = 760, 340, {"DAG-DB": "steelblue", "DAG-KL": "darkorange", "DDPO": "seagreen"}
+    image = Image.new("RGB", (W + 220, H), "white")
+    draw = ImageDraw.Draw(image)
+    ys = [y for c in curves.values() for _, y in c]
+    (y_ticks, decimals), (x_ticks, _) = nice_ticks(min(ys), max(ys)), nice_ticks(0, 640)
+    left, right, top, bottom = 50, W - 14, 24, H - 30
+
+    def px(x, y):
+        return (left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left),
+                bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top))
+
+    draw.text((left, 6), "digit accuracy of the fixed-noise eval samples, mean over seeds: dag.py solid, peer dashed",
+              fill="black")
+    draw.rectangle((left, top, right, bottom), outline="gray")
+    for y in y_ticks:
+        draw.line((left, px(0, y)[1], right, px(0, y)[1]), fill=(230, 230, 230))
+        draw.text((4, px(0, y)[1] - 6), f"{y:.{decimals}f}", fill="black")
+    for x in x_ticks:
+        draw.text((px(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
+    draw.text((right - 72, H - 12), "trajectories", fill="gray")
+    for i, (name, points) in enumerate(curves.items()):
+        colour, dashed = colours[name.split(",")[0]], "dag.py" not in name
+        xy = [px(x, y) for x, y in points]
+        for a, b in zip(xy, xy[1:]):
+            draw.line((a, ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) if dashed else b), fill=colour, width=2)
+        draw.line((W, top + 16 * i + 6, W + 24, top + 16 * i + 6), fill=colour, width=2)
+        draw.text((W + 30, top + 16 * i), name, fill=colour)
+    image.save(out / "curves.png")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmark.peers", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -773,9 +837,10 @@ def main(argv=None):
     s.add_argument("--every", type=int, default=None, help="only epochs divisible by this (and the last)")
     s.add_argument("--name", default=None, help="output file name in the run folder")
     s.add_argument("--no-check", action="store_true", help="skip the check against pipe.load_lora_weights")
-    for name in ("all", "parity", "speed"):
+    for name in ("all", "parity", "speed", "report"):
         s = sub.add_parser(name, help={"all": "dag.py's matched runs and RUNS, then scores", "parity": "rollout reward "
-                                       "at theta_0, all three", "speed": "seconds per trajectory side by side"}[name])
+                                       "at theta_0, all three", "speed": "seconds per trajectory side by side",
+                                       "report": "table.md and curves.png of the runs"}[name])
         s.add_argument("--release", type=Path, required=True)
         s.add_argument("--out", type=Path, required=True)
     w = sub.add_parser("_release-worker")
@@ -797,6 +862,8 @@ def main(argv=None):
         parity(a.release.resolve(), a.out.resolve())
     elif a.command == "speed":
         speed(a.release.resolve(), a.out.resolve())
+    elif a.command == "report":
+        report(a.out.resolve())
     elif a.command == "_release-worker":
         release_worker(a.release, a.out)
     else:
