@@ -1,13 +1,13 @@
 """The text-to-image digits benchmark: a tiny Stable Diffusion pipeline pretrained on captioned digits, a named-digit
 reward, prompts with held-out (colour, digit) pairs, and the four algorithms of dag.py on it with one budget.
 
-    python -m benchmark.t2i pretrain --out DIR          # remake benchmark/models/digits-t2i in DIR (~30 min)
-    python -m benchmark.t2i run --out runs/t2i          # the RUNS (--parallel N, --only NAME ...), then the report
+    python -m benchmark.t2i pretrain --out DIR          # remake benchmark/models/digits-t2i in DIR (~16 min)
+    python -m benchmark.t2i run --out runs/t2i          # the stages tune, main, test (--stage, --parallel), the report
     python -m benchmark.t2i report --out runs/t2i       # table.md, curves.png, grids.png of the finished runs
     --reward benchmark.t2i:named_digit                  # the reward, as dag.py takes it (run from the repository root)
 
 Shipped: benchmark/models/digits-t2i (a StableDiffusionPipeline, `dag.py --model benchmark/models/digits-t2i`, made by
-`pretrain`: seed 0, one thread, 29 min; its pretrain-record.json) and benchmark/models/digits-t2i-prompts: train.txt,
+`pretrain`: seed 0, 1850 UNet steps, one thread, 16 min; its pretrain-record.json) and digits-t2i-prompts: train.txt,
 48 of the 60 captions; eval.txt, 12 of those (rows 0-11) and the 12 held out of train.txt (rows 12-23).
 
 The model: the real diffusers / transformers classes of SD 1.5 at toy size, trained from scratch on scikit-learn's 1797
@@ -19,8 +19,9 @@ The model: the real diffusers / transformers classes of SD 1.5 at toy size, trai
     UNet2DConditionModel    block_out (32, 64), cross-attention (dim 32) in both levels and the mid block, eps-pred
     DDIMScheduler           SD-1.5's schedule (scaled_linear 0.00085 .. 0.012, 1000 steps, steps_offset 1)
 
-Caption dropout (10 % empty prompts) makes classifier-free guidance work. The budget evaluates and trains at guidance
-1, where the base model has headroom (r = 0.85; at guidance 5 it is at 0.94, above the real digits' 0.86).
+Caption dropout (10 % empty prompts) makes classifier-free guidance work. Pretrained for 1850 UNet steps (of the 4000
+that drew the named digit in 98 % of samples), the base draws it in 65 % at guidance 1, where the benchmark samples,
+trains and evaluates: room to align.
 """
 
 import argparse
@@ -340,11 +341,13 @@ TRIES = {  # the tuning, at seed 0, over each algorithm's key knobs; the try wit
 }
 SEEDS = (1, 2, 3)  # fresh seeds for each chosen setting (the tuning ran at seed 0)
 CHOSEN = {}  # {algo: flags}, read back from the finished tuning (choose)
-# The learning test (test_dag.py) in CI: the chosen DB setting at a quarter of the transitions and fewer epochs, to fit
-# the suite; its candidates run with the beta = 0 control and the reward-sign mutant (digits.MUTANTS) it must fail on
-TEST_EPOCHS, TEST_FRACTION = 12, 0.25
-LEARNING_TEST = {"flags": None, "seed": 1, "margin": None}  # = CHOSEN["db"]; margin from the test stage's runs
-THRESHOLD = 0.9  # "trajectories to": the first evaluation whose digit accuracy is at least this
+# The learning test (test_dag.py) in CI: the chosen DB setting at half the transitions for 12 epochs, to fit the suite;
+# the test stage runs it at two seeds with the beta = 0 control and the reward-sign mutant (digits.MUTANTS) it must
+# fail on. The margin lies between them: seeds +0.071 / +0.108, beta 0 -0.009, sign -0.084 (benchmark/README.md); at a
+# quarter of the transitions seed 1 did not learn in 12 epochs (runs/t2i/test-f0.25 in the report)
+TEST_EPOCHS, TEST_FRACTION = 12, 0.5
+LEARNING_TEST = {"flags": "--reward-exp 1000 --lr 3e-3 --unetreg 100", "seed": 1, "margin": 0.03}  # = CHOSEN["db"]
+THRESHOLD = 0.8  # "trajectories to": the first evaluation whose digit accuracy is at least this
 
 
 def argv(algo, flags, seed, *extra):
