@@ -238,9 +238,9 @@ def train_unet(intensity, labels, means, stds, scaling, tokenizer, steps, batch,
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), sum(recent) / len(recent)
 
 
-def pretrain(out, vae_steps=800, unet_steps=4000, batch=64, vae_lr=1e-3, unet_lr=1e-3, kl_weight=1e-6, dropout=0.1,
+def pretrain(out, vae_steps=800, unet_steps=1850, batch=64, vae_lr=1e-3, unet_lr=1e-3, kl_weight=1e-6, dropout=0.1,
              seed=0):
-    """Train the VAE (AdamW, cosine, 800 steps), then the UNet and text encoder (4000 steps), on one thread, and save
+    """Train the VAE (AdamW, cosine, 800 steps), then the UNet and text encoder (unet_steps), on one thread, and save
     the StableDiffusionPipeline (safetensors) and OUT/pretrain-record.json. Seeded: a rerun gives the same weights."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
