@@ -109,10 +109,12 @@ def run(model, out, extra):
     trained = args.trajectories * max(1, int(args.steps * args.timestep_fraction))
     summary = {}
     for name, rows in calls.items():
-        nograd = [(s, n) for s, n, grad in rows if not grad]
-        summary[name] = {"calls without grad": len(nograd), "rows per call": sorted({n for _, n in nograd}),
-                         "s per call": [round(s, 3) for s, _ in nograd],
-                         "median s per row": sorted(s / n for s, n in nograd)[len(nograd) // 2] if nograd else None}
+        for grad in (False, True):  # forward passes only; with grad: the training forward, whose backward follows
+            got = [(s, n) for s, n, g in rows if g == grad]
+            summary[f"{name}, {'forward with grad' if grad else 'no grad'}"] = {
+                "calls": len(got), "rows per call": sorted({n for _, n in got}),
+                "s per call": [round(s, 3) for s, _ in got],
+                "median s per row": sorted(s / n for s, n in got)[len(got) // 2] if got else None}
     record = {"argv": sys.argv, "threads": torch.get_num_threads(), "calls": summary,
               "rollout_and_scoring_s": log["rollout_s"], "train_s": log["train_s"], "trained_transitions": trained,
               "s per trained transition": log["train_s"] / trained,
