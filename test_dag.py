@@ -1627,10 +1627,10 @@ def test_dag_db_raises_the_digit_reward_of_the_shipped_ddpm(tmp_path):
 def test_dag_db_raises_prompt_alignment_of_the_shipped_text_to_image_model(tmp_path):
     """The user's path (text encoder, the conditional UNet branch at guidance 1, VAE decode, a flow net that
     cross-attends to the prompt) on the tiny text-to-image model pretrained here, whose base draws the named digit in
-    about half of its samples: the benchmark's chosen DAG-DB setting at a quarter of the transitions for a few epochs
-    raises the fixed-noise eval reward p_4(named digit) of 24 prompts x 4 seeds (12 prompts held out of training) by
-    more than the margin chosen from two seeds against the beta = 0 control and the reward-sign mutant of dag.py,
-    which fails this test (benchmark/README.md, "The text-to-image learning test")."""
+    about two samples of three: the benchmark's chosen DAG-DB setting at half the transitions for 12 epochs (384
+    trajectories) raises the fixed-noise eval reward p_4(named digit) of 24 prompts x 4 seeds (12 prompts held out of
+    training) by more than the margin chosen from two seeds against the beta = 0 control and the reward-sign mutant of
+    dag.py, which fails this test (benchmark/README.md, "The text-to-image learning test")."""
     from benchmark import t2i
 
     test = t2i.LEARNING_TEST
