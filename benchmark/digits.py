@@ -370,7 +370,9 @@ def mean_std(values, digits=3):
     if not values:
         return "-"
     m = sum(values) / len(values)
-    return f"{m:.{digits}f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)):.{digits}f}"
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.{digits}f}"
 
 
 def curve(evals):
