@@ -8,8 +8,8 @@ image size, so a tiny pipeline gives the SD-1.5 counts. They are weighted with t
 SD-1.5 (torch.utils.flop_counter): UNet forward 803 GFLOP, its LoRA-only backward 910, VAE decode 2515, CLIP-L reward
 162, flow (the release's size) 9 forward / 18 backward. `python -m benchmark.sd15 flops` recounts the forwards on
 SD-1.5's real architecture (804.4, 2514.5, 9.1). Timed on the CPU (benchmark/README.md, SD-1.5 at full size), a VAE
-decode takes 2.95 UNet rows against these FLOPs' 3.13, but the flow 0.034 against 0.011: FLOPs underprice the flow 3x
-there, still ~3 % of a UNet row.
+decode takes 2.95 UNet rows against these FLOPs' 3.13, but the flow 0.027-0.034 against 0.011: FLOPs underprice the flow
+2.4-3x there, still ~3 % of a UNet row.
 """
 
 import collections

@@ -10,9 +10,9 @@ head dim 8, 64x64x4 latents), AutoencoderKL (block_out 128/256/512/512, 512x512 
 CLIP ViT-L/14 text encoder of the real shape (12 layers, 768 wide, 77 positions), SD-1.5's PNDM scheduler config, and
 the real CLIP tokenizer from ../shared/assets/clip_tokenizer when it is there (else a letters-only one, 77 tokens).
 
-`run` is `dag.main` in this process with timers around every UNet, VAE-decoder and flow forward (seconds per call, from
-the rollout and the state scoring; the training forward+backward is timed per trained transition from log.jsonl),
-then RUN/sd15.json with the call counts, seconds per call, the flow's parameter count and the process's peak RSS.
+`run` is `dag.main` in this process with timers around every UNet, VAE-decoder and flow forward (seconds per call,
+with and without grad; the training forward+backward is timed per trained transition from log.jsonl), then
+RUN/sd15.json with the call counts, seconds per call, the flow's parameter count and the process's peak RSS.
 """
 
 import argparse

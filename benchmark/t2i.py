@@ -4,6 +4,7 @@ reward, prompts with held-out (colour, digit) pairs, and the four algorithms of 
     python -m benchmark.t2i pretrain --out DIR          # remake benchmark/models/digits-t2i in DIR (~16 min)
     python -m benchmark.t2i run --out runs/t2i          # the stages tune, main, test (--stage, --parallel), the report
     python -m benchmark.t2i report --out runs/t2i       # table.md, curves.png, grids.png of the finished runs
+    python -m benchmark.t2i base --out DIR              # how often a pretrained model draws the named digit
     --reward benchmark.t2i:named_digit                  # the reward, as dag.py takes it (run from the repository root)
 
 Shipped: benchmark/models/digits-t2i (a StableDiffusionPipeline, `dag.py --model benchmark/models/digits-t2i`, made by
@@ -541,9 +542,22 @@ def grids(path, shown, prompts, per, scale=3):
     sheet.save(path)
 
 
+def base_accuracy(model):
+    """All 60 captions x 4 fixed seeds, 20 DDIM steps, guidance 1 (dag.evaluate): the share of samples
+    showing the named digit and the named colour, and the mean reward."""
+    prompts = [f"a {c} {d}" for c in COLOUR_NAMES for d in DIGIT_NAMES]
+    args = dag.parse_args(["--model", str(model), "--reward", "benchmark.t2i:named_digit", "--steps", "20",
+                           "--guidance-scale", "1", "--eval-samples", "4", "--train-batch", "8"])
+    m = dag.load_models(args, torch.device("cpu"), dag.pipeline_index(str(model), 20))
+    record, (images, _, _) = dag.evaluate(m, dag.rewards.checked(named_digit(), "named_digit"), prompts, args, 0, 1)
+    digit, colour = accuracy(images, [p for p in prompts for _ in range(4)])
+    return {"model": str(model), "digit_acc": round(digit, 3), "colour_acc": round(colour, 3),
+            "r": round(record["eval_reward_mean"], 3)}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["pretrain", "run", "report"])
+    p.add_argument("command", choices=["pretrain", "run", "report", "base"])
     p.add_argument("--out", default="runs/t2i", type=Path, help="run folder (pretrain: the pipeline's folder)")
     p.add_argument("--stage", nargs="+", choices=["tune", "main", "test"], default=["tune", "main", "test"])
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
@@ -553,6 +567,8 @@ if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a redirected log as they happen
     if a.command == "pretrain":
         pretrain(a.out, unet_steps=a.unet_steps)
+    elif a.command == "base":
+        print(json.dumps(base_accuracy(a.out)))
     else:
         if a.command == "run":
             benchmark(a.out, a.stage, a.parallel)
