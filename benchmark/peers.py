@@ -21,12 +21,14 @@ Runs, from the repository root in dag.py's venv (each peer runs in its own venv,
     python -m benchmark.peers release --release /work/peers/release --out runs/peers/release-db-seed1 --seed 1
     python -m benchmark.peers ddpo --out runs/peers/trl-ddpo-seed1 --seed 1
     python -m benchmark.peers score --run runs/peers/release-db-seed1 --every 5
-    python -m benchmark.peers all --release /work/peers/release --out runs/peers     # RUNS one at a time, then scores
+    python -m benchmark.peers all --release /work/peers/release --out runs/peers     # all runs, 2 at a time; scores
     python -m benchmark.peers parity --release /work/peers/release --out runs/peers-parity   # rollout r at theta_0
+    python -m benchmark.peers speed --release /work/peers/release --out runs/peers-speed     # s/traj, side by side
+    python -m benchmark.peers report --out runs/peers    # table.md (+ OUT/speed.md if there) and curves.png
 
 The defaults are the benchmark's budget (t2i.BUDGET: 20 DDIM steps, eta 1, guidance 1, 32 trajectories per epoch,
-train batch 8, no accumulation, 20 epochs, LoRA rank 4) and its chosen settings (release: t2i.DB, --reward-exp 300
---lr 3e-3 --unetreg 100; ddpo: --lr 3e-3 --clip-range 1e-2). A peer run's folder reads like a dag.py run's: args.json
+train batch 8, no accumulation, 20 epochs, LoRA rank 4), and for the release --reward-exp 300 --lr 3e-3 --unetreg 100,
+for TRL --lr 3e-3 --clip-range 1e-2; `all` runs MATCHED. A peer run's folder reads like a dag.py run's: args.json
 (the equivalent dag.py command line), log.jsonl (per epoch: rollout reward, rollout_s / train_s wall and
 rollout_cpu_s / train_cpu_s process CPU seconds), checkpoint-E/ (the LoRA after E epochs, diffusers' format),
 wall.json, and after `score` eval.jsonl (dag.evaluate's record, plus digit and colour accuracy).
