@@ -106,6 +106,7 @@ batch B equals the latent width W, as it does here at 8; --no-train-cfg refuses 
 import argparse
 import gzip
 import json
+import math
 import os
 import pickle
 import random
@@ -704,7 +705,8 @@ def speed(release, out, repeats=2, epochs=2):
     from benchmark.digits import snapshot
     from benchmark.t2i import argv as t2i_argv
 
-    script, env, rows = snapshot(out / "code"), {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, {}
+    script, rows = snapshot(out / "code"), {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # the reward's module
     for k in range(repeats):
         for f in (1.0, 0.25):
             for algo, peer in (("db", "release"), ("kl", "release"), ("ddpo", "ddpo")):
@@ -818,13 +820,19 @@ def report(out, threshold=0.8):
     for x in x_ticks:
         draw.text((px(x, 0)[0] - 8, bottom + 6), f"{x:g}", fill="black")
     draw.text((right - 72, H - 12), "trajectories", fill="gray")
+    def polyline(xy, colour, dashed):  # dashes of 7 px every 11 px along the line
+        for a, b in zip(xy, xy[1:]):
+            n = max(1, int(math.dist(a, b) / 11)) if dashed else 1
+            for k in range(n):
+                s, e = k / n, (k + 7 / 11) / n if dashed else 1
+                draw.line((a[0] + s * (b[0] - a[0]), a[1] + s * (b[1] - a[1]), a[0] + e * (b[0] - a[0]),
+                           a[1] + e * (b[1] - a[1])), fill=colour, width=2)
+
     for i, (name, points) in enumerate(curves.items()):
         colour, dashed = colours[name.split(",")[0]], "dag.py" not in name
-        xy = [px(x, y) for x, y in points]
-        for a, b in zip(xy, xy[1:]):
-            draw.line((a, ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) if dashed else b), fill=colour, width=2)
-        draw.line((W, top + 16 * i + 6, W + 24, top + 16 * i + 6), fill=colour, width=2)
-        draw.text((W + 30, top + 16 * i), name, fill=colour)
+        polyline([px(x, y) for x, y in points], colour, dashed)
+        polyline([(W, top + 16 * i + 6), (W + 33, top + 16 * i + 6)], colour, dashed)
+        draw.text((W + 40, top + 16 * i), name, fill=colour)
     image.save(out / "curves.png")
 
 
