@@ -645,14 +645,15 @@ def score(run, every=None, name=None, check=True):
 # --------------------------------------------------------------------------------------------------------------------
 
 SEEDS = (1, 2, 3)
-# The matched settings: dag.py's DAG-DB and DAG-KL tuning tries whose flow learns at --lr (the release has one learning
-# rate: t2i.TRIES db-1 and kl-5), and DDPO's chosen setting (t2i's ddpo-4); the release's and TRL's runs take the same
-# flags (the peers' defaults are the t2i budget)
+# The matched settings (name: its algorithm, then a suffix): dag.py's DAG-DB and DAG-KL tuning tries whose flow
+# learns at --lr (the release has one learning rate: t2i.TRIES db-1 and kl-5), the benchmark's chosen DAG-DB (db-2,
+# also at one rate) and DDPO's chosen setting (ddpo-4); the peers' runs take the same flags (their defaults: the budget)
 MATCHED = {"db": "--reward-exp 300 --lr 3e-3 --unetreg 100",
+           "db-b1000": "--reward-exp 1000 --lr 3e-3 --unetreg 100",
            "kl": "--reward-exp 300 --lr 3e-3 --clip-range 1e-2 --unetreg 100",
            "ddpo": "--lr 3e-3 --clip-range 0.2"}
-RUNS = [(f"release-{a}-seed{s}", "release", ["--algo", a, *MATCHED[a].split(), "--seed", str(s)])
-        for a in ("db", "kl") for s in SEEDS] + \
+RUNS = [(f"release-{a}-seed{s}", "release", ["--algo", a[:2], *MATCHED[a].split(), "--seed", str(s)])
+        for a in ("db", "kl", "db-b1000") for s in SEEDS] + \
        [(f"trl-ddpo-seed{s}", "ddpo", [*MATCHED["ddpo"].split(), "--seed", str(s)]) for s in SEEDS]
 
 
@@ -660,7 +661,8 @@ def dag_runs(out):
     """dag.py at the matched settings and SEEDS, as the t2i benchmark runs it: {name: (out, argv)}."""
     from benchmark.t2i import argv as t2i_argv
 
-    return {f"dag-{a}-seed{s}": (out / f"dag-{a}-seed{s}", t2i_argv(a, MATCHED[a], s)) for a in MATCHED for s in SEEDS}
+    return {f"dag-{a}-seed{s}": (out / f"dag-{a}-seed{s}", t2i_argv(a.split("-")[0], MATCHED[a], s))
+            for a in MATCHED for s in SEEDS}
 
 
 def run_all(release, out, every=5, parallel=2):
@@ -780,6 +782,7 @@ def report(out, threshold=0.8):
         return [(r["epoch"], r["eval_reward_mean"], r["digit_acc"]) for r in rows]
 
     pairs = [("DAG-DB", "dag-db", "release-db", "the release"), ("DAG-KL", "dag-kl", "release-kl", "the release"),
+             ("DAG-DB at beta 1000", "dag-db-b1000", "release-db-b1000", "the release"),
              ("DDPO", "dag-ddpo", "trl-ddpo", "TRL")]
     lines = ["| algorithm | code | eval r, final | digit acc, final | trajectories to digit acc ≥ "
              f"{threshold} | seeds |", "|---|---|---|---|---|---|"]
@@ -800,7 +803,8 @@ def report(out, threshold=0.8):
                   *(out / "speed.md").read_text().splitlines()]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    W, H, colours = 760, 340, {"DAG-DB": "steelblue", "DAG-KL": "darkorange", "DDPO": "seagreen"}
+    W, H, colours = 760, 340, {"DAG-DB": "steelblue", "DAG-KL": "darkorange", "DAG-DB at beta 1000": "purple",
+                                  "DDPO": "seagreen"}
     image = Image.new("RGB", (W + 220, H), "white")
     draw = ImageDraw.Draw(image)
     ys = [y for c in curves.values() for _, y in c]
