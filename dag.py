@@ -108,10 +108,10 @@ def gaussian_logprob(x, mean, std):
 def model_output_to_eps(scheduler, output, t, x_t):
     """The UNet's output as an epsilon prediction: unchanged for "epsilon" models (SD-1.x, the CIFAR DDPM). NOTE: for
     "v_prediction" models (SD-2.x 768) eps = sqrt(a_t) v + sqrt(1 - a_t) x_t. Other types raise ValueError."""
-    kind, (a_t, _) = scheduler.config.prediction_type, alphas_at(scheduler, t, x_t)
-    if kind not in ("epsilon", "v_prediction"):
+    if (kind := scheduler.config.prediction_type) not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {kind!r} is not supported (only 'epsilon' and 'v_prediction')")
-    return output if kind == "epsilon" else a_t.sqrt() * output + (1 - a_t).sqrt() * x_t
+    a_t = alphas_at(scheduler, t, x_t)[0] if kind == "v_prediction" else None  # on every UNet call: only when used
+    return output if a_t is None else a_t.sqrt() * output + (1 - a_t).sqrt() * x_t
 
 
 def predict_x0(scheduler, eps, t, x_t):
@@ -326,7 +326,7 @@ class Models:
     text_encoder: nn.Module | None = None  # None for an unconditional model
     tokenizer: object = None
     uncond: torch.Tensor | None = None  # (1, L, E) text states of "", CFG's negative prompt
-    conditional: bool = False  # a text-to-image model: a text encoder, CFG
+    conditional = property(lambda self: self.text_encoder is not None)  # a text-to-image model: text encoder, CFG
 
     @property
     def lora_params(self):
@@ -559,7 +559,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def die(message, status=2, rank=0):  # a user mistake (2) or a failure (1): one line on stderr (rank 0's), no traceback
+def die(message, status=2, rank=0):  # a user mistake (2) or a failure (1): one line on stderr if rank 0, no traceback
     if rank == 0:
         tqdm.write(f"dag.py: error: {' '.join(str(message).split())}", file=sys.stderr)  # a line of its own
     raise SystemExit(status)
@@ -644,7 +644,7 @@ def load_models(args, device, index):
     m = Models(unet.eval(), ddim_scheduler(pipe.scheduler.config, args.steps), None, (c, size, size), device, dtype)
     if "text_encoder" in index:
         m.vae, m.text_encoder = (net.to(device).requires_grad_(False) for net in (pipe.vae, pipe.text_encoder))
-        m.tokenizer, m.conditional = pipe.tokenizer, True
+        m.tokenizer = pipe.tokenizer
         m.uncond = encode_prompts(m, [""])
     if args.algo in ("db", "kl"):
         text_width = m.text_encoder.config.hidden_size if m.conditional else None
@@ -738,8 +738,8 @@ def read_jsonl(path):  # a line that does not parse (cut short by a kill or a fu
 
 def save_checkpoint(out, epoch, m, optimizer, generators, history, settings, rank, drop=None):
     """Rank 0 writes OUT/checkpoint-EPOCH aside and renames it into place, so a kill leaves all of it or none: the LoRA
-    in diffusers' format (pipe.load_lora_weights(dir) reads it), the training state, every rank's RNG streams and the
-    run's settings. Weights not bitwise equal on every rank or not finite, or a failed write: one line."""
+    in diffusers' format (pipe.load_lora_weights(dir) reads it), the training state, every rank's RNG streams, the run's
+    settings; then deletes checkpoint-`drop`. Weights unequal across ranks or not finite, a failed write: one line."""
     params = m.lora_params + m.flow_params
     rng, digests = gather({name: g.get_state() for name, g in generators.items()}), gather(fingerprint(params))
     finite = all(bool(torch.isfinite(p).all()) for p in params)

@@ -500,7 +500,7 @@ def test_the_dag_path_runs_from_its_own_config_without_the_harness(sd_dir):
     _, m = load(sd_dir)
     cfg = dag.Config(steps=4, trajectories=4, train_batch=2, grad_accum=1, epochs=2, reward_exp=5.0)
     before = [p.detach().clone() for p in m.lora_params + m.flow_params]
-    optimizer = torch.optim.AdamW(m.lora_params + m.flow_params, lr=1e-2)
+    optimizer = torch.optim.AdamW(m.lora_params + m.flow_params, lr=1e-2, weight_decay=0)  # moved by gradients only
     generators = {"noise": generator(1), "cpu": generator(2)}
     scores, stats = dag.dag_epoch(m, dark_reward, ["cat", "dog"], optimizer, 1, cfg, generators)
     assert scores.shape == (4,) and stats["reward_exp"] == 5.0 and stats["steps_taken"] == [True, True]

@@ -547,10 +547,10 @@ def base_accuracy(model):
     showing the named digit and the named colour, and the mean reward."""
     prompts = [f"a {c} {d}" for c in COLOUR_NAMES for d in DIGIT_NAMES]
     args = dag.parse_args(["--model", str(model), "--reward", "benchmark.t2i:named_digit", "--steps", "20",
-                           "--guidance-scale", "1", "--eval-samples", "4", "--train-batch", "8"])
+                           "--guidance-scale", "1", "--eval-samples", "4", "--train-batch", "8", "--algo", "ddpo"])
     m = dag.load_models(args, torch.device("cpu"), dag.pipeline_index(str(model), 20))
     record, (images, _, _) = dag.evaluate(m, dag.rewards.checked(named_digit(), "named_digit"), prompts, args, 0, 1)
-    digit, colour = accuracy(images, [p for p in prompts for _ in range(4)])
+    digit, colour = accuracy(images, [p for p in prompts for _ in range(args.eval_samples)])
     return {"model": str(model), "digit_acc": round(digit, 3), "colour_acc": round(colour, 3),
             "r": round(record["eval_reward_mean"], 3)}
 
