@@ -674,9 +674,9 @@ def test_gradients_are_averaged_over_the_ranks_not_summed(tmp_path):
 
 
 def test_a_run_writes_its_log_evaluations_and_checkpoints(ddpm_dir, tmp_path, capsys):
-    """A tiny run's log, evaluations, grids and checkpoints; beta x std(r) logged every epoch, and one warning when the
-    final beta x the base model's reward spread is far from where DAG learned (these tiny noise images' JPEG sizes
-    barely vary: 100 x ~0.01 kB)."""
+    """A tiny run's log, evaluations, grids and checkpoints; beta x std(r) logged every epoch, and one warning per run
+    (none again at a resume) when the final beta x the base model's reward spread is far from where DAG learned (these
+    tiny noise images' JPEG sizes barely vary: 100 x ~0.01 kB)."""
     dag.main(cli(ddpm_dir, tmp_path, "--epochs", "2", "--algo", "kl", "--eval-every", "1", "--eval-samples", "3"))
     log, evals = dag.read_jsonl(tmp_path / "log.jsonl"), dag.read_jsonl(tmp_path / "eval.jsonl")
     assert [r["beta_reward_std"] for r in log] == pytest.approx([r["reward_exp"] * r["reward_std"] for r in log])
@@ -690,6 +690,9 @@ def test_a_run_writes_its_log_evaluations_and_checkpoints(ddpm_dir, tmp_path, ca
     assert [p.name for p in dag.checkpoints(tmp_path)] == ["checkpoint-2"]  # checkpoint-1 rolled: not on --save-every
     assert (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((tmp_path / "args.json").read_text())["algo"] == "kl"
+    dag.main(cli(ddpm_dir, tmp_path, "--epochs", "3", "--algo", "kl", "--eval-every", "1", "--eval-samples", "3",
+                 "--resume", "auto"))
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("dag.py: warning")]  # a resume
 
 
 def test_full_size_cifar_ddpm_architecture(tmp_path):
